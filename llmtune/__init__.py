@@ -1,0 +1,3 @@
+"""llmtune: recipe-driven fine-tuning and alignment of large language models."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,98 @@
+"""Data: sources -> canonical rows -> template + loss mask -> tokenized datasets."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from llmtune.data.sources import DropReport, RowError, read_source, to_messages
+from llmtune.data.template import check_template, tokenize_example
+from llmtune.errors import UserError
+from llmtune.recipe.schema import DataSection, DataSource
+
+
+@dataclass
+class PreparedData:
+    train: Any  # datasets.Dataset with input_ids, labels
+    eval_rows: list[list[dict]]  # held-out conversations, for generation-based evaluation
+    eval: Any  # datasets.Dataset with input_ids, labels (None when nothing is held out)
+    fingerprints: dict[str, str] = field(default_factory=dict)
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+def prepare_data(cfg: DataSection, base_dir: Path, tokenizer, seed: int) -> PreparedData:
+    check_template(tokenizer, cfg.chat_template)
+    drops = DropReport()
+    fingerprints: dict[str, str] = {}
+    train_rows = _read_all(cfg.sources, base_dir, cfg, seed, drops, fingerprints)
+    eval_rows = _read_all(cfg.eval_sources, base_dir, cfg, seed, drops, fingerprints)
+    if not cfg.eval_sources and cfg.eval_fraction > 0:
+        n_eval = max(1, round(len(train_rows) * cfg.eval_fraction))
+        eval_rows, train_rows = train_rows[:n_eval], train_rows[n_eval:]
+
+    train = _tokenize(train_rows, tokenizer, cfg, drops)
+    evaluation = _tokenize(eval_rows, tokenizer, cfg, drops)
+    if not train["input_ids"]:
+        raise UserError("data.sources: no usable training rows", _drop_lines(drops))
+    import datasets
+
+    lengths = [len(ids) for ids in train["input_ids"]]
+    stats = {
+        "train_rows": len(lengths),
+        "eval_rows": len(evaluation["input_ids"]),
+        "train_tokens": sum(lengths),
+        "loss_tokens": sum(sum(1 for t in labels if t != -100) for labels in train["labels"]),
+        "max_length": max(lengths),
+        "dropped": drops.as_dict(),
+    }
+    return PreparedData(
+        train=datasets.Dataset.from_dict(train),
+        eval_rows=[messages for _, messages in eval_rows],
+        eval=datasets.Dataset.from_dict(evaluation) if evaluation["input_ids"] else None,
+        fingerprints=fingerprints,
+        stats=stats,
+    )
+
+
+def _read_all(sources: list[DataSource], base_dir: Path, cfg: DataSection, seed: int, drops: DropReport, fingerprints: dict) -> list:
+    rows = []
+    for source in sources:
+        raw_rows, fingerprint = read_source(source, base_dir)
+        fingerprints[source.path or source.hub] = fingerprint
+        kept = []
+        for where, raw in raw_rows:
+            try:
+                kept.append((where, to_messages(raw, source)))
+            except RowError as exc:
+                _drop(drops, cfg, str(exc), where)
+        random.Random(seed).shuffle(kept)
+        rows += kept[: source.max_samples]
+    return rows
+
+
+def _tokenize(rows: list, tokenizer, cfg: DataSection, drops: DropReport) -> dict[str, list]:
+    out: dict[str, list] = {"input_ids": [], "labels": []}
+    for where, messages in rows:
+        try:
+            input_ids, labels = tokenize_example(messages, tokenizer, cfg.chat_template)
+        except RowError as exc:
+            _drop(drops, cfg, str(exc), where)
+            continue
+        if len(input_ids) > cfg.max_length:
+            _drop(drops, cfg, f"longer than data.max_length={cfg.max_length} tokens", where)
+            continue
+        out["input_ids"].append(input_ids)
+        out["labels"].append(labels)
+    return out
+
+
+def _drop(drops: DropReport, cfg: DataSection, reason: str, where: str) -> None:
+    if cfg.strict:
+        raise UserError(f"data: {where}: {reason} (data.strict is on; fix the row or set data.strict: false to drop and report it)")
+    drops.add(reason, where)
+
+
+def _drop_lines(drops: DropReport) -> list[str]:
+    return [f"{reason}: {n} row(s), first at {', '.join(drops.examples[reason])}" for reason, n in drops.counts.items()]

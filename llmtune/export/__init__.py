@@ -1,0 +1,1 @@
+"""Export: merged full-precision models (quantized formats slot in beside it)."""

@@ -1,0 +1,77 @@
+"""Base model and tokenizer: hub id, local directory or built-in name; precision per device."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from llmtune.errors import UserError
+from llmtune.models.builtin import BUILTIN_MODELS, resolve_builtin
+from llmtune.recipe.schema import ModelSection
+
+
+@dataclass(frozen=True)
+class Precision:
+    """How a run holds and computes weights: `dtype` for loading, `bf16`/`fp16` for TrainingArguments."""
+
+    dtype: torch.dtype
+    bf16: bool
+    fp16: bool
+
+    @property
+    def name(self) -> str:
+        return str(self.dtype).removeprefix("torch.")
+
+
+def resolve_precision(requested: str) -> Precision:
+    """`auto`: bf16 on GPUs that run it natively (Ampere and newer), fp32 everywhere else.
+
+    CPUs stay fp32 even with AVX512-BF16: measured on a 2-core Xeon with avx512_bf16, a 135M LoRA
+    step took ~100 s under bf16 autocast against 3.2 s in fp32.
+    """
+    if requested == "auto":
+        requested = "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"
+    if requested == "float16" and not torch.cuda.is_available():
+        raise UserError("model.dtype: float16 training needs a CUDA GPU; use float32 (or auto) on this machine")
+    dtype = getattr(torch, requested)
+    return Precision(dtype=dtype, bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16)
+
+
+def resolve_model_path(name: str) -> str:
+    """A built-in name becomes its cached directory; hub ids and local paths pass through."""
+    if name in BUILTIN_MODELS:
+        return str(resolve_builtin(name))
+    if name.startswith((".", "/", "~")) and not Path(name).expanduser().is_dir():
+        raise UserError(f"model.name: {name} is not a directory; give a hub id, a local model folder, or one of: {', '.join(BUILTIN_MODELS)}")
+    return str(Path(name).expanduser()) if Path(name).expanduser().is_dir() else name
+
+
+def load_tokenizer(cfg: ModelSection, path: str):
+    from transformers import AutoTokenizer
+
+    tokenizer = _from_pretrained(AutoTokenizer, cfg, path)
+    if tokenizer.pad_token is None:
+        # Padding positions never carry loss (labels are -100 there), so reusing EOS is safe.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_causal_lm(cfg: ModelSection, path: str, precision: Precision):
+    from transformers import AutoModelForCausalLM
+
+    kwargs = {"dtype": precision.dtype}
+    if cfg.attn_implementation:
+        kwargs["attn_implementation"] = cfg.attn_implementation
+    return _from_pretrained(AutoModelForCausalLM, cfg, path, **kwargs)
+
+
+def _from_pretrained(cls, cfg: ModelSection, path: str, **kwargs):
+    try:
+        return cls.from_pretrained(path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, **kwargs)
+    except OSError as exc:
+        raise UserError(
+            f"model.name: cannot load {cfg.name!r}: {str(exc).splitlines()[0]}\n"
+            "  Give a local model folder, a built-in name (`llmtune ls`), or a hub id reachable from this machine."
+        ) from None

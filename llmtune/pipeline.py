@@ -1,0 +1,100 @@
+"""The readable top: the stages of a run, in order, and nothing else."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from llmtune.data import prepare_data
+from llmtune.evaluation.exact_match import exact_match
+from llmtune.export.merge import export_merged
+from llmtune.methods.sft import train_sft
+from llmtune.models.adapter import apply_adapter, count_parameters
+from llmtune.models.load import load_causal_lm, load_tokenizer, resolve_model_path, resolve_precision
+from llmtune.recipe import Recipe
+from llmtune.report import print_summary
+from llmtune.runs import RunDir, now
+
+
+def run_recipe(recipe: Recipe, recipe_dir: Path, resume: bool | str = False) -> RunDir:
+    run = RunDir.for_recipe(recipe, resume)
+    previous = run.read_json("summary.json") if resume else None
+    if previous and previous.get("status") == "completed":
+        print(f"[llmtune] {run.path} already completed; nothing to resume")
+        print_summary(previous)
+        return run
+    run.start(recipe, bool(resume))
+    started_at, t0 = now(), time.perf_counter()
+
+    # Model, tokenizer and data
+    precision = resolve_precision(recipe.model.dtype)
+    model_path = resolve_model_path(recipe.model.name)
+    tokenizer = load_tokenizer(recipe.model, model_path)
+    data = prepare_data(recipe.data, recipe_dir, tokenizer, recipe.train.seed)
+    run.write_manifest(recipe, model_path, data.fingerprints, started_at, precision=precision.name)
+    model = load_causal_lm(recipe.model, model_path, precision)
+
+    # Evaluate the base model (kept from the first attempt when resuming)
+    evaluation = {}
+    if recipe.eval.exact_match and recipe.eval.before_after:
+        evaluation["before"] = run.read_json("eval/before.json") or _evaluate(recipe, run, model, tokenizer, data, "before")
+
+    # Train
+    model = apply_adapter(model, recipe.adapter)
+    trainable, total = count_parameters(model)
+    checkpoint = run.latest_checkpoint() if resume else None
+    if checkpoint:
+        print(f"[llmtune] resuming from {checkpoint}")
+        run.truncate_metrics(after_step=int(checkpoint.name.split("-")[1]))
+    trainer, output = train_sft(recipe, run, model, tokenizer, data, precision, str(checkpoint) if checkpoint else None)
+    final = run.save_final(trainer.model, tokenizer)
+
+    # Evaluate the trained model
+    if recipe.eval.exact_match:
+        evaluation["after"] = _evaluate(recipe, run, trainer.model, tokenizer, data, "after")
+    if "before" in evaluation:
+        evaluation["delta"] = {k: round(evaluation["after"][k] - evaluation["before"][k], 4)
+                               for k in evaluation["after"] if k != "n"}
+
+    # Export
+    exports = {}
+    if recipe.export.merged:
+        exports["merged"] = export_merged(final, run.path / "export" / "merged", recipe, data.eval_rows or None)
+
+    metrics = run.read_metrics()
+    losses = [r for r in metrics if "loss" in r]
+    speeds = [r["tokens_per_s"] for r in metrics if r.get("tokens_per_s")]
+    summary = {
+        "status": "completed",
+        "recipe": recipe.name,
+        "run_dir": str(run.path),
+        "model": recipe.model.name,
+        "precision": precision.name,
+        "train": {
+            "steps": output.global_step,
+            "final_loss": losses[-1]["loss"] if losses else None,
+            "first_loss": losses[0]["loss"] if losses else None,
+            "tokens_per_s": round(sum(speeds) / len(speeds), 1) if speeds else None,
+            "runtime_s": round(time.perf_counter() - t0, 1),
+            "trainable_params": trainable,
+            "total_params": total,
+            "resumed_from": str(checkpoint) if checkpoint else None,
+        },
+        "data": data.stats,
+        "eval": evaluation,
+        "final": str(final),
+        "export": exports,
+        "plots": [str(p) for p in [run.plot_loss()] if p],
+    }
+    run.update_manifest(ended_at=now())
+    run.write_summary(summary)
+    print_summary(summary)
+    return run
+
+
+def _evaluate(recipe: Recipe, run: RunDir, model, tokenizer, data, when: str) -> dict:
+    result = exact_match(model, tokenizer, data.eval_rows, recipe.eval.exact_match, recipe.data.chat_template,
+                         generations_path=run.path / "eval" / f"generations-{when}.jsonl", desc=f"exact match ({when})")
+    run.write_json(f"eval/{when}.json", result)
+    print(f"[llmtune] held-out exact match {when} training: {result['exact_match']:.1%} of {result['n']}")
+    return result

@@ -1,0 +1,192 @@
+"""The recipe schema: one typed, frozen section per stage of the data flow.
+
+Every field's default lives here and nowhere else, and the docstring under each field is its
+documentation: `llmtune validate`, the README's recipe reference and error messages all read it.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+class Section(BaseModel):
+    """Base for every recipe section: unknown keys are errors, values are immutable."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+
+class ModelSection(Section):
+    name: str = DEFAULT_MODEL
+    """Hub id, local directory, or built-in name (`llmtune ls` lists the built-ins)."""
+    revision: str | None = None
+    """Hub revision (branch, tag or commit) when `name` is a hub id."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Weight and compute precision; `auto` is bf16 on GPUs that run it natively, fp32 elsewhere."""
+    trust_remote_code: bool = False
+    """Allow the model repository to run its own Python code (only for repositories you trust)."""
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] | None = None
+    """Attention kernel; unset lets transformers choose (sdpa where available)."""
+
+
+class DataSource(Section):
+    path: str | None = None
+    """Local JSONL or JSON file (or glob); relative paths are relative to the recipe file."""
+    hub: str | None = None
+    """Hub data set id, loaded with `datasets.load_dataset` (needs network or a local HF cache)."""
+    config: str | None = None
+    """Hub data set configuration name, if it has several."""
+    split: str = "train"
+    """Split to read from the source."""
+    format: Literal["messages", "prompt_completion"] = "messages"
+    """Row layout: `messages` (list of {role, content}) or `prompt_completion` (two strings)."""
+    columns: dict[str, str] = Field(default_factory=dict)
+    """Rename source columns to the format's field names, e.g. {prompt: question, completion: answer}."""
+    max_samples: int | None = Field(default=None, gt=0)
+    """Use at most this many rows of the source (after shuffling)."""
+
+    @model_validator(mode="after")
+    def _exactly_one_location(self) -> DataSource:
+        if (self.path is None) == (self.hub is None):
+            raise ValueError("give exactly one of `path` (a local file) or `hub` (a hub data set id)")
+        return self
+
+
+class DataSection(Section):
+    sources: list[DataSource] = Field(min_length=1)
+    """Training data: one or more sources, concatenated and shuffled with `train.seed`."""
+    eval_sources: list[DataSource] = Field(default_factory=list)
+    """Held-out data for evaluation; if empty, `eval_fraction` of the training rows is held out."""
+    eval_fraction: float = Field(default=0.0, ge=0.0, lt=1.0)
+    """Fraction of training rows held out for evaluation when `eval_sources` is empty."""
+    max_length: int = Field(default=1024, gt=0)
+    """Longest tokenized example kept; longer rows are dropped and counted in the run summary."""
+    chat_template: Literal["model", "none"] = "model"
+    """`model`: render rows with the tokenizer's chat template; `none`: plain prompt + completion + EOS."""
+    strict: bool = False
+    """Fail the run (exit 2) on the first malformed row instead of dropping and reporting it."""
+
+
+class MethodSection(Section):
+    kind: Literal["sft"] = "sft"
+    """Training method: `sft` (supervised fine-tuning on the assistant/completion tokens)."""
+
+
+class AdapterSection(Section):
+    kind: Literal["lora", "full"] = "lora"
+    """What is trained: `lora` adapters on a frozen base, or `full` (every weight)."""
+    r: int = Field(default=16, gt=0)
+    """LoRA rank."""
+    alpha: float = Field(default=32, gt=0)
+    """LoRA scaling numerator (the update is scaled by alpha / r)."""
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+    """Dropout on the LoRA input."""
+    target_modules: str | list[str] = "all-linear"
+    """Modules that get adapters: `all-linear` or a list of module-name patterns."""
+    modules_to_save: list[str] = Field(default_factory=list)
+    """Modules trained in full and saved beside the adapter (e.g. a new head)."""
+    use_rslora: bool = False
+    """Rank-stabilised LoRA scaling (alpha / sqrt(r))."""
+    use_dora: bool = False
+    """Weight-decomposed LoRA (DoRA)."""
+
+
+class TrainSection(Section):
+    output_dir: str | None = None
+    """Run directory; default `runs/<recipe name>-<timestamp>`."""
+    max_steps: int | None = Field(default=None, gt=0)
+    """Optimizer steps to run; overrides `epochs` when set."""
+    epochs: float = Field(default=1.0, gt=0)
+    """Passes over the training data (when `max_steps` is unset)."""
+    batch_size: int = Field(default=8, gt=0)
+    """Examples per device per forward pass."""
+    grad_accum: int = Field(default=1, gt=0)
+    """Forward passes accumulated per optimizer step."""
+    learning_rate: float = Field(default=2e-4, gt=0)
+    """Peak learning rate."""
+    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "cosine"
+    """Learning-rate schedule after warmup."""
+    warmup: float = Field(default=0.0, ge=0)
+    """Warmup: a fraction of all steps when below 1, else a number of steps."""
+    weight_decay: float = Field(default=0.0, ge=0)
+    """AdamW weight decay."""
+    max_grad_norm: float = Field(default=1.0, gt=0)
+    """Gradient clipping norm."""
+    optimizer: str = "adamw_torch"
+    """Optimizer name as transformers knows it (adamw_torch, adamw_torch_fused, paged_adamw_8bit, ...)."""
+    seed: int = 42
+    """Seed for initialisation, data order and dropout; same seed, same run."""
+    logging_steps: int = Field(default=1, gt=0)
+    """Write a metrics.jsonl row every this many steps."""
+    save_steps: int = Field(default=50, gt=0)
+    """Write a resumable checkpoint every this many steps."""
+    save_total_limit: int = Field(default=2, gt=0)
+    """Keep only this many newest checkpoints."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass: less memory, about 30% slower."""
+    dataloader_num_workers: int = Field(default=0, ge=0)
+    """Worker processes for data loading (0 loads in the training process)."""
+
+
+class ExactMatchSection(Section):
+    max_new_tokens: int = Field(default=64, gt=0)
+    """Longest greedy generation per held-out prompt."""
+    limit: int | None = Field(default=None, gt=0)
+    """Score at most this many held-out rows."""
+    batch_size: int = Field(default=16, gt=0)
+    """Prompts generated together."""
+
+
+class EvalSection(Section):
+    exact_match: ExactMatchSection | None = None
+    """Greedy-generate each held-out prompt and score exact match with its reference answer."""
+    before_after: bool = False
+    """Also evaluate the base model before training, and report both with their difference."""
+
+
+class ExportSection(Section):
+    merged: bool = False
+    """Write `export/merged/`: adapters merged into a full-precision copy of the base, verified."""
+
+
+class LaunchSection(Section):
+    accelerate_config: str | None = None
+    """Accelerate config file; when set, the run re-executes itself under `accelerate launch`."""
+    num_processes: int | None = Field(default=None, gt=0)
+    """Processes to launch (overrides the accelerate config's own)."""
+
+
+class Recipe(Section):
+    name: str | None = None
+    """Run name used for the default run directory; default: the recipe file's name."""
+    description: str | None = None
+    """One line about what the recipe does."""
+    model: ModelSection = Field(default_factory=ModelSection)
+    """Base model, tokenizer and precision."""
+    data: DataSection
+    """Where training and evaluation rows come from and how they are rendered."""
+    method: MethodSection = Field(default_factory=MethodSection)
+    """Training objective."""
+    adapter: AdapterSection = Field(default_factory=AdapterSection)
+    """Which parameters are trained."""
+    train: TrainSection = Field(default_factory=TrainSection)
+    """Optimisation, checkpoints and the run directory."""
+    eval: EvalSection = Field(default_factory=EvalSection)
+    """Evaluation before and after training."""
+    export: ExportSection = Field(default_factory=ExportSection)
+    """Artifacts written after training."""
+    launch: LaunchSection = Field(default_factory=LaunchSection)
+    """How the run is launched (one process, or several through Accelerate)."""
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> Recipe:
+        if self.eval.exact_match and not self.data.eval_sources and self.data.eval_fraction == 0:
+            raise ValueError(
+                "eval.exact_match: needs held-out rows; set data.eval_sources or data.eval_fraction > 0"
+            )
+        if self.export.merged and self.adapter.kind == "full":
+            raise ValueError("export.merged: a full fine-tune has no adapter to merge (final/ is already a full model); remove it")
+        return self
