@@ -223,6 +223,8 @@ class RunCallback(TrainerCallback):
     def on_train_end(self, args, state, control, **kwargs):
         if self.bar is not None:
             self.bar.close()
+        if state.is_world_process_zero:
+            shutil.rmtree(self.run.staging, ignore_errors=True)  # only ever holds unfinished work
 
 
 def write_atomic(path: Path, text: str) -> None:

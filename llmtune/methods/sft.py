@@ -52,9 +52,8 @@ def build_sft_config(recipe: Recipe, run: RunDir, precision: Precision):
 def train_sft(recipe: Recipe, run: RunDir, model, tokenizer, data, precision: Precision, resume_from: str | None):
     """Train `model` in place; returns the trainer's TrainOutput."""
     from transformers.trainer_callback import PrinterCallback
-    from trl import SFTTrainer
 
-    trainer = SFTTrainer(
+    trainer = _sft_trainer_class()(
         model=model,
         args=build_sft_config(recipe, run, precision),
         train_dataset=data.train,
@@ -65,6 +64,28 @@ def train_sft(recipe: Recipe, run: RunDir, model, tokenizer, data, precision: Pr
     trainer.remove_callback(PrinterCallback)
     output = trainer.train(resume_from_checkpoint=resume_from)
     return trainer, output
+
+
+def _sft_trainer_class():
+    from transformers import Trainer
+    from trl import SFTTrainer
+
+    class SFTTrainerPlainLossOnCPU(SFTTrainer):
+        """TRL's SFTTrainer, computing the loss through the model's own forward on CPU.
+
+        TRL 1.16 always scores tokens through a chunked "fused LM head" (plus entropy and top-1
+        metrics). On GPUs it saves memory on large vocabularies; on CPU it nearly doubles the step
+        time (measured on SmolLM2-135M, batch 8 x 95 tokens: 6.0-7.0 s against 3.6-3.9 s).
+        transformers' own Trainer.compute_loss gives the same token-averaged loss, gradient
+        accumulation included. Only TRL's entropy/token-accuracy log entries are lost on CPU.
+        """
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if self.args.device.type != "cpu":
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
+
+    return SFTTrainerPlainLossOnCPU
 
 
 def _has_accelerator() -> bool:

