@@ -6,7 +6,6 @@ Exit codes: 0 success, 2 the user's input is wrong (message, no traceback unless
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import traceback
 from pathlib import Path
@@ -58,8 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = verbs.add_parser("ls", help="list shipped recipes and built-in models",
                          description="List shipped recipes and built-in models.")
     p.set_defaults(func=cmd_ls)
-    for sub in verbs.choices.values():
-        sub.add_argument("--debug", action="store_true", help="show tracebacks for input errors too")
+    for sub in verbs.choices.values():  # --debug works before or after the verb
+        sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks for input errors too")
     return parser
 
 

@@ -182,10 +182,10 @@ class RunCallback(TrainerCallback):
         self.run = run
         self.save_total_limit = save_total_limit
         self.bar = None
-        self._last = None  # (time, tokens seen) at the previous log
+        self._last = None  # (time, tokens seen, step) at the previous log
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self._last = (time.perf_counter(), state.num_input_tokens_seen)
+        self._last = (time.perf_counter(), state.num_input_tokens_seen, state.global_step)
         if state.is_world_process_zero:
             from tqdm.auto import tqdm
 
@@ -198,11 +198,12 @@ class RunCallback(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs or "loss" not in logs:
             return
-        t, seen = time.perf_counter(), state.num_input_tokens_seen
-        row = {"step": state.global_step, "loss": logs["loss"], "lr": logs.get("learning_rate")}
-        if self._last and t > self._last[0]:
+        t, seen, step = time.perf_counter(), state.num_input_tokens_seen, state.global_step
+        row = {"step": step, "loss": logs["loss"], "lr": logs.get("learning_rate")}
+        if self._last and t > self._last[0] and step > self._last[2]:
             row["tokens_per_s"] = round((seen - self._last[1]) / (t - self._last[0]), 1)
-        self._last = (t, seen)
+            row["step_time_s"] = round((t - self._last[0]) / (step - self._last[2]), 3)
+        self._last = (t, seen, step)
         row |= {k: v for k, v in logs.items() if k not in ("loss", "learning_rate")}
         with self.run.metrics.open("a") as f:
             f.write(json.dumps(row) + "\n")

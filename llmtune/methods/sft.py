@@ -34,7 +34,7 @@ def build_sft_config(recipe: Recipe, run: RunDir, precision: Precision):
         save_strategy="steps",
         save_steps=t.save_steps,
         save_total_limit=None,  # rotation happens after the rename, in RunCallback
-        gradient_checkpointing=t.gradient_checkpointing,
+        activation_checkpointing=t.gradient_checkpointing,  # transformers 5's name for gradient checkpointing
         dataloader_num_workers=t.dataloader_num_workers,
         bf16=precision.bf16,
         fp16=precision.fp16,

@@ -136,8 +136,8 @@ class ExactMatchSection(Section):
     """Longest greedy generation per held-out prompt."""
     limit: int | None = Field(default=None, gt=0)
     """Score at most this many held-out rows."""
-    batch_size: int = Field(default=16, gt=0)
-    """Prompts generated together."""
+    batch_size: int = Field(default=32, gt=0)
+    """Prompts generated together (larger is faster until memory runs out)."""
 
 
 class EvalSection(Section):
