@@ -43,9 +43,10 @@ def run_recipe(recipe: Recipe, recipe_dir: Path, resume: bool | str = False) -> 
     model = apply_adapter(model, recipe.adapter)
     trainable, total = count_parameters(model)
     checkpoint = run.latest_checkpoint() if resume else None
-    if checkpoint:
-        print(f"[llmtune] resuming from {checkpoint}")
-        run.truncate_metrics(after_step=int(checkpoint.name.split("-")[1]))
+    if resume:
+        # Steps logged after the checkpoint (or all of them, if none was complete) will run again.
+        print(f"[llmtune] resuming from {checkpoint or 'the start: no complete checkpoint yet'}")
+        run.truncate_metrics(after_step=int(checkpoint.name.split("-")[1]) if checkpoint else 0)
     trainer, output = train_sft(recipe, run, model, tokenizer, data, precision, str(checkpoint) if checkpoint else None)
     final = run.save_final(trainer.model, tokenizer)
 

@@ -16,8 +16,7 @@ from llmtune.recipe.schema import DataSection, DataSource
 @dataclass
 class PreparedData:
     train: Any  # datasets.Dataset with input_ids, labels
-    eval_rows: list[list[dict]]  # held-out conversations, for generation-based evaluation
-    eval: Any  # datasets.Dataset with input_ids, labels (None when nothing is held out)
+    eval_rows: list[list[dict]]  # held-out conversations that passed the same checks, for evaluation
     fingerprints: dict[str, str] = field(default_factory=dict)
     stats: dict[str, Any] = field(default_factory=dict)
 
@@ -32,8 +31,8 @@ def prepare_data(cfg: DataSection, base_dir: Path, tokenizer, seed: int) -> Prep
         n_eval = max(1, round(len(train_rows) * cfg.eval_fraction))
         eval_rows, train_rows = train_rows[:n_eval], train_rows[n_eval:]
 
-    train = _tokenize(train_rows, tokenizer, cfg, drops)
-    evaluation = _tokenize(eval_rows, tokenizer, cfg, drops)
+    train, _ = _tokenize(train_rows, tokenizer, cfg, drops)
+    evaluation, eval_rows = _tokenize(eval_rows, tokenizer, cfg, drops)
     if not train["input_ids"]:
         raise UserError("data.sources: no usable training rows", _drop_lines(drops))
     import datasets
@@ -49,8 +48,7 @@ def prepare_data(cfg: DataSection, base_dir: Path, tokenizer, seed: int) -> Prep
     }
     return PreparedData(
         train=datasets.Dataset.from_dict(train),
-        eval_rows=[messages for _, messages in eval_rows],
-        eval=datasets.Dataset.from_dict(evaluation) if evaluation["input_ids"] else None,
+        eval_rows=eval_rows,
         fingerprints=fingerprints,
         stats=stats,
     )
@@ -72,8 +70,10 @@ def _read_all(sources: list[DataSource], base_dir: Path, cfg: DataSection, seed:
     return rows
 
 
-def _tokenize(rows: list, tokenizer, cfg: DataSection, drops: DropReport) -> dict[str, list]:
+def _tokenize(rows: list, tokenizer, cfg: DataSection, drops: DropReport) -> tuple[dict[str, list], list]:
+    """Token ids and labels of the rows that fit, and those rows' conversations."""
     out: dict[str, list] = {"input_ids": [], "labels": []}
+    kept = []
     for where, messages in rows:
         try:
             input_ids, labels = tokenize_example(messages, tokenizer, cfg.chat_template)
@@ -85,7 +85,8 @@ def _tokenize(rows: list, tokenizer, cfg: DataSection, drops: DropReport) -> dic
             continue
         out["input_ids"].append(input_ids)
         out["labels"].append(labels)
-    return out
+        kept.append(messages)
+    return out, kept
 
 
 def _drop(drops: DropReport, cfg: DataSection, reason: str, where: str) -> None:
