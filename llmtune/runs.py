@@ -237,7 +237,8 @@ def write_atomic(path: Path, text: str) -> None:
 def hardware() -> dict[str, Any]:
     import torch
 
-    info: dict[str, Any] = {"platform": platform.platform(), "cpu_count": os.cpu_count(), "processor": platform.processor()}
+    info: dict[str, Any] = {"platform": platform.platform(), "cpu_count": os.cpu_count(), "processor": platform.processor(),
+                            "world_size": int(os.environ.get("WORLD_SIZE", "1"))}
     if torch.cuda.is_available():
         info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
     return info
