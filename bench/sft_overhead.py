@@ -29,7 +29,7 @@ def llmtune_tokens_per_s(steps: int, warmup: int, out: Path) -> float:
 
     recipe, recipe_dir = load_recipe(RECIPE, [f"train.max_steps={steps}", f"train.output_dir={out}", "train.save_steps=100000",
                                               "eval.exact_match=null", "eval.before_after=false", "train.warmup=0"])
-    run = run_recipe(recipe, recipe_dir)
+    run = run_recipe(recipe, recipe_dir).run
     rows = [r for r in run.read_metrics() if r["step"] > warmup]
     tokens = rows[-1]["num_input_tokens_seen"] - next(r for r in run.read_metrics() if r["step"] == warmup)["num_input_tokens_seen"]
     return tokens / sum(r["step_time_s"] for r in rows)

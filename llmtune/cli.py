@@ -83,8 +83,7 @@ def cmd_train(args) -> None:
         return
     from llmtune.pipeline import run_recipe
 
-    run = run_recipe(recipe, recipe_dir, resume=args.resume)
-    print(run.path)
+    print(run_recipe(recipe, recipe_dir, resume=args.resume).run.path)
 
 
 def cmd_ls(args) -> None:

@@ -3,55 +3,77 @@
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+from transformers import set_seed
 
 from llmtune.data import prepare_data
+from llmtune.evaluation.classification import classification_metrics
 from llmtune.evaluation.exact_match import exact_match
 from llmtune.export.merge import export_merged
+from llmtune.methods.classification import train_classification
 from llmtune.methods.sft import train_sft
 from llmtune.models.adapter import apply_adapter, count_parameters
-from llmtune.models.load import load_causal_lm, load_tokenizer, resolve_model_path, resolve_precision
+from llmtune.models.load import load_causal_lm, load_classifier, load_tokenizer, resolve_model_path, resolve_precision
 from llmtune.recipe import Recipe
 from llmtune.report import print_summary
 from llmtune.runs import RunDir, now
 
+TRAINERS = {"sft": train_sft, "classification": train_classification}
 
-def run_recipe(recipe: Recipe, recipe_dir: Path, resume: bool | str = False) -> RunDir:
+
+@dataclass
+class RunResult:
+    run: RunDir
+    summary: dict
+    model: Any = None  # the trained model, still in memory (None when the run had already completed)
+    tokenizer: Any = None
+
+
+def run_recipe(recipe: Recipe, recipe_dir: Path, resume: bool | str = False) -> RunResult:
     run = RunDir.for_recipe(recipe, resume)
     previous = run.read_json("summary.json") if resume else None
     if previous and previous.get("status") == "completed":
         print(f"[llmtune] {run.path} already completed; nothing to resume")
         print_summary(previous)
-        return run
+        return RunResult(run, previous)
     run.start(recipe, bool(resume))
     started_at, t0 = now(), time.perf_counter()
 
     # Model, tokenizer and data
+    set_seed(recipe.train.seed)  # a new head and the adapter's initial weights are drawn below
     precision = resolve_precision(recipe.model.dtype)
     model_path = resolve_model_path(recipe.model.name)
     tokenizer = load_tokenizer(recipe.model, model_path)
     data = prepare_data(recipe.data, recipe_dir, tokenizer, recipe.train.seed)
     run.write_manifest(recipe, model_path, data.fingerprints, started_at, precision=precision.name)
-    model = load_causal_lm(recipe.model, model_path, precision)
+    if recipe.method.kind == "classification":
+        model = load_classifier(recipe.model, model_path, precision, data.label_names, tokenizer.pad_token_id)
+    else:
+        model = load_causal_lm(recipe.model, model_path, precision)
 
     # Evaluate the base model (kept from the first attempt when resuming)
     evaluation = {}
-    if recipe.eval.exact_match and recipe.eval.before_after:
+    if recipe.eval.before_after and _has_evaluation(recipe, data):
         evaluation["before"] = run.read_json("eval/before.json") or _evaluate(recipe, run, model, tokenizer, data, "before")
 
     # Train
-    model = apply_adapter(model, recipe.adapter)
+    model = apply_adapter(model, recipe.adapter, task="SEQ_CLS" if recipe.method.kind == "classification" else "CAUSAL_LM",
+                          tokenizer_path=model_path, gradient_checkpointing=recipe.train.gradient_checkpointing)
     trainable, total = count_parameters(model)
     checkpoint = run.latest_checkpoint() if resume else None
     if resume:
         # Steps logged after the checkpoint (or all of them, if none was complete) will run again.
         print(f"[llmtune] resuming from {checkpoint or 'the start: no complete checkpoint yet'}")
         run.truncate_metrics(after_step=int(checkpoint.name.split("-")[1]) if checkpoint else 0)
-    trainer, output = train_sft(recipe, run, model, tokenizer, data, precision, str(checkpoint) if checkpoint else None)
+    trainer, output = TRAINERS[recipe.method.kind](recipe, run, model, tokenizer, data, precision,
+                                                   str(checkpoint) if checkpoint else None)
     final = run.save_final(trainer.model, tokenizer)
 
     # Evaluate the trained model
-    if recipe.eval.exact_match:
+    if _has_evaluation(recipe, data):
         evaluation["after"] = _evaluate(recipe, run, trainer.model, tokenizer, data, "after")
     if "before" in evaluation:
         evaluation["delta"] = {k: round(evaluation["after"][k] - evaluation["before"][k], 4)
@@ -70,7 +92,9 @@ def run_recipe(recipe: Recipe, recipe_dir: Path, resume: bool | str = False) -> 
         "recipe": recipe.name,
         "run_dir": str(run.path),
         "model": recipe.model.name,
-        "precision": precision.name,
+        "method": recipe.method.kind,
+        "adapter": recipe.adapter.kind,
+        "precision": precision.name + (f", base quantized {recipe.model.quantization}" if recipe.model.quantization != "none" else ""),
         "train": {
             "steps": output.global_step,
             "final_loss": losses[-1]["loss"] if losses else None,
@@ -90,12 +114,24 @@ def run_recipe(recipe: Recipe, recipe_dir: Path, resume: bool | str = False) -> 
     run.update_manifest(ended_at=now())
     run.write_summary(summary)
     print_summary(summary)
-    return run
+    return RunResult(run, summary, trainer.model, tokenizer)
+
+
+def _has_evaluation(recipe: Recipe, data) -> bool:
+    if recipe.method.kind == "classification":
+        return data.eval is not None
+    return recipe.eval.exact_match is not None
 
 
 def _evaluate(recipe: Recipe, run: RunDir, model, tokenizer, data, when: str) -> dict:
-    result = exact_match(model, tokenizer, data.eval_rows, recipe.eval.exact_match, recipe.data.chat_template,
-                         generations_path=run.path / "eval" / f"generations-{when}.jsonl", desc=f"exact match ({when})")
+    if recipe.method.kind == "classification":
+        result = classification_metrics(model, tokenizer, data.eval, data.label_names, recipe.train.batch_size,
+                                        predictions_path=run.path / "eval" / f"predictions-{when}.jsonl")
+        line = f"accuracy {result['accuracy']:.1%}, macro-F1 {result['macro_f1']:.3f}"
+    else:
+        result = exact_match(model, tokenizer, data.eval_rows, recipe.eval.exact_match, recipe.data.chat_template,
+                             generations_path=run.path / "eval" / f"generations-{when}.jsonl", desc=f"exact match ({when})")
+        line = f"exact match {result['exact_match']:.1%}"
     run.write_json(f"eval/{when}.json", result)
-    print(f"[llmtune] held-out exact match {when} training: {result['exact_match']:.1%} of {result['n']}")
+    print(f"[llmtune] held-out {line} of {result['n']} {when} training")
     return result

@@ -26,13 +26,13 @@ def print_summary(summary: dict) -> None:
     for metric in evaluation.get("after", {}):
         if metric == "n":
             continue
-        after = evaluation["after"][metric]
-        if "before" in evaluation:
-            before = evaluation["before"][metric]
-            table.add_row(metric, f"{before:.1%} -> {after:.1%} (n={evaluation['after']['n']})")
-        else:
-            table.add_row(metric, f"{after:.1%} (n={evaluation['after']['n']})")
+        shown = [_fmt(metric, evaluation[when][metric]) for when in ("before", "after") if when in evaluation]
+        table.add_row(metric, f"{' -> '.join(shown)} (n={evaluation['after']['n']})")
     table.add_row("final model", summary.get("final", ""))
     for fmt, info in (summary.get("export") or {}).items():
         table.add_row(f"export {fmt}", f"{info['path']}  (max |logit diff| {info['max_abs_logit_diff']:.2e})")
     Console().print(table)
+
+
+def _fmt(metric: str, value: float) -> str:
+    return f"{value:.1%}" if metric in ("exact_match", "accuracy") else f"{value:.3f}"

@@ -87,8 +87,8 @@ def make_recipe(tmp_path, tiny_model_dir):
             "train": {"output_dir": str(tmp_path / "run"), "max_steps": 6, "batch_size": 4, "learning_rate": 5e-3,
                       "save_steps": 2, "save_total_limit": 5, "seed": 7},
         }
-        for section, values in sections.items():
-            recipe[section] = recipe.get(section, {}) | values
+        for section, values in sections.items():  # an adapter section replaces the default one
+            recipe[section] = values if section == "adapter" else recipe.get(section, {}) | values
         path = tmp_path / "recipe.yaml"
         path.write_text(yaml.safe_dump(recipe))
         return path

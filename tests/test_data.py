@@ -122,9 +122,11 @@ def test_shipped_quickstart_data_equals_its_generator(tmp_path):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     module.main(out_dir=tmp_path)
-    for split in ("train", "test"):
-        assert (tmp_path / f"{split}.jsonl").read_text() == (root / "quickstart" / f"{split}.jsonl").read_text()
-    train_names = {json.loads(l)["messages"][1]["content"] for l in (tmp_path / "train.jsonl").read_text().splitlines()}
+    for task in ("quickstart", "intent"):
+        for split in ("train", "test"):
+            assert (tmp_path / task / f"{split}.jsonl").read_text() == (root / task / f"{split}.jsonl").read_text()
+    quickstart = tmp_path / "quickstart"
+    train_names = {json.loads(l)["messages"][1]["content"] for l in (quickstart / "train.jsonl").read_text().splitlines()}
     test_customers = {json.loads(json.loads(l)["messages"][1]["content"])["customer"]
-                      for l in (tmp_path / "test.jsonl").read_text().splitlines()}
+                      for l in (quickstart / "test.jsonl").read_text().splitlines()}
     assert not any(f'"customer": "{c}"' in t for c in test_customers for t in train_names)

@@ -47,7 +47,7 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(make_recipe, tmp_path)
     resumed = llmtune("train", path, f"train.output_dir={killed_dir}", "--resume")
     assert resumed.wait(timeout=300) == 0
     recipe, recipe_dir = load_recipe(path, [f"train.output_dir={tmp_path / 'whole'}"])
-    whole = run_recipe(recipe, recipe_dir)
+    whole = run_recipe(recipe, recipe_dir).run
 
     resumed_summary = json.loads((killed_dir / "summary.json").read_text())
     whole_summary = json.loads((whole.path / "summary.json").read_text())

@@ -13,7 +13,7 @@ from llmtune.recipe import load_recipe
 
 def train(path, *overrides, resume=False):
     recipe, recipe_dir = load_recipe(path, list(overrides))
-    return run_recipe(recipe, recipe_dir, resume=resume)
+    return run_recipe(recipe, recipe_dir, resume=resume).run
 
 
 def test_lora_run_writes_the_run_directory_contract(make_recipe):

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import random
+from functools import partial
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from llmtune.data.sources import DropReport, RowError, read_source, to_messages
+from llmtune.data.sources import DropReport, RowError, read_source, to_canonical
 from llmtune.data.template import check_template, tokenize_example
 from llmtune.errors import UserError
 from llmtune.recipe.schema import DataSection, DataSource
@@ -16,13 +17,17 @@ from llmtune.recipe.schema import DataSection, DataSource
 @dataclass
 class PreparedData:
     train: Any  # datasets.Dataset with input_ids, labels
-    eval_rows: list[list[dict]]  # held-out conversations that passed the same checks, for evaluation
+    eval_rows: list  # held-out rows that passed the same checks: conversations, or (text, label) pairs
+    eval: Any = None  # classification: tokenized held-out datasets.Dataset
+    label_names: list[str] | None = None  # classification: the labels seen in training, sorted
     fingerprints: dict[str, str] = field(default_factory=dict)
     stats: dict[str, Any] = field(default_factory=dict)
 
 
 def prepare_data(cfg: DataSection, base_dir: Path, tokenizer, seed: int) -> PreparedData:
-    check_template(tokenizer, cfg.chat_template)
+    classification = cfg.sources[0].format == "classification"  # the recipe checks all sources agree
+    if not classification:
+        check_template(tokenizer, cfg.chat_template)
     drops = DropReport()
     fingerprints: dict[str, str] = {}
     train_rows = _read_all(cfg.sources, base_dir, cfg, seed, drops, fingerprints)
@@ -31,8 +36,10 @@ def prepare_data(cfg: DataSection, base_dir: Path, tokenizer, seed: int) -> Prep
         n_eval = max(1, round(len(train_rows) * cfg.eval_fraction))
         eval_rows, train_rows = train_rows[:n_eval], train_rows[n_eval:]
 
-    train, _ = _tokenize(train_rows, tokenizer, cfg, drops)
-    evaluation, eval_rows = _tokenize(eval_rows, tokenizer, cfg, drops)
+    label_names = sorted({label for _, (_, label) in train_rows}) if classification else None
+    tokenize = partial(_tokenize_classification, label_names=label_names) if classification else _tokenize
+    train, _ = tokenize(train_rows, tokenizer, cfg, drops)
+    evaluation, eval_rows = tokenize(eval_rows, tokenizer, cfg, drops)
     if not train["input_ids"]:
         raise UserError("data.sources: no usable training rows", _drop_lines(drops))
     import datasets
@@ -42,13 +49,18 @@ def prepare_data(cfg: DataSection, base_dir: Path, tokenizer, seed: int) -> Prep
         "train_rows": len(lengths),
         "eval_rows": len(evaluation["input_ids"]),
         "train_tokens": sum(lengths),
-        "loss_tokens": sum(sum(1 for t in labels if t != -100) for labels in train["labels"]),
         "max_length": max(lengths),
         "dropped": drops.as_dict(),
     }
+    if classification:
+        stats["labels"] = {name: train["labels"].count(i) for i, name in enumerate(label_names)}
+    else:
+        stats["loss_tokens"] = sum(sum(1 for t in labels if t != -100) for labels in train["labels"])
     return PreparedData(
         train=datasets.Dataset.from_dict(train),
         eval_rows=eval_rows,
+        eval=datasets.Dataset.from_dict(evaluation) if classification and eval_rows else None,
+        label_names=label_names,
         fingerprints=fingerprints,
         stats=stats,
     )
@@ -62,7 +74,7 @@ def _read_all(sources: list[DataSource], base_dir: Path, cfg: DataSection, seed:
         kept = []
         for where, raw in raw_rows:
             try:
-                kept.append((where, to_messages(raw, source)))
+                kept.append((where, to_canonical(raw, source)))
             except RowError as exc:
                 _drop(drops, cfg, str(exc), where)
         random.Random(seed).shuffle(kept)
@@ -86,6 +98,25 @@ def _tokenize(rows: list, tokenizer, cfg: DataSection, drops: DropReport) -> tup
         out["input_ids"].append(input_ids)
         out["labels"].append(labels)
         kept.append(messages)
+    return out, kept
+
+
+def _tokenize_classification(rows: list, tokenizer, cfg: DataSection, drops: DropReport,
+                             label_names: list[str]) -> tuple[dict[str, list], list]:
+    out: dict[str, list] = {"input_ids": [], "labels": []}
+    kept = []
+    label_ids = {name: i for i, name in enumerate(label_names)}
+    for where, (text, label) in rows:
+        input_ids = tokenizer(text)["input_ids"]
+        if label not in label_ids:
+            _drop(drops, cfg, "label not seen in the training data", where)
+            continue
+        if len(input_ids) > cfg.max_length:
+            _drop(drops, cfg, f"longer than data.max_length={cfg.max_length} tokens", where)
+            continue
+        out["input_ids"].append(input_ids)
+        out["labels"].append(label_ids[label])
+        kept.append((text, label))
     return out, kept
 
 

@@ -106,8 +106,8 @@ def _read_hub(source: DataSource) -> tuple[Iterator[tuple[str, Any]], str]:
     return rows, f"hub:{source.hub}@{ds._fingerprint}"
 
 
-def to_messages(row: Any, source: DataSource) -> list[dict[str, str]]:
-    """Canonical messages for one raw row, or RowError naming what is wrong with it."""
+def to_canonical(row: Any, source: DataSource) -> list[dict[str, str]] | tuple[str, str]:
+    """One raw row as canonical messages, or (text, label) for classification; RowError says what is wrong."""
     if isinstance(row, RowError):
         raise row
     if not isinstance(row, dict):
@@ -115,6 +115,20 @@ def to_messages(row: Any, source: DataSource) -> list[dict[str, str]]:
     row = {field: row.get(column) for field, column in source.columns.items()} | {
         k: v for k, v in row.items() if k not in source.columns.values()
     }
+    if source.format == "classification":
+        label = row.get("label")
+        if label is None:
+            raise RowError("missing field 'label'")
+        if not isinstance(label, (str, int)) or isinstance(label, bool):
+            raise RowError("field 'label' is not a string or integer")
+        text = _text(row, "text")
+        if not text.strip():
+            raise RowError("empty text")
+        return text, str(label)
+    return _to_messages(row, source)
+
+
+def _to_messages(row: dict, source: DataSource) -> list[dict[str, str]]:
     if source.format == "prompt_completion":
         prompt, completion = _text(row, "prompt"), _text(row, "completion")
         messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]

@@ -61,10 +61,42 @@ def load_tokenizer(cfg: ModelSection, path: str):
 def load_causal_lm(cfg: ModelSection, path: str, precision: Precision):
     from transformers import AutoModelForCausalLM
 
+    return _from_pretrained(AutoModelForCausalLM, cfg, path, **_model_kwargs(cfg, precision))
+
+
+def load_classifier(cfg: ModelSection, path: str, precision: Precision, labels: list[str], pad_token_id: int):
+    """The base with a new, randomly initialised sequence-classification head over `labels`."""
+    from transformers import AutoModelForSequenceClassification
+
+    model = _from_pretrained(AutoModelForSequenceClassification, cfg, path, num_labels=len(labels),
+                             id2label=dict(enumerate(labels)), label2id={l: i for i, l in enumerate(labels)},
+                             **_model_kwargs(cfg, precision))
+    model.config.pad_token_id = pad_token_id  # the head reads the last non-padding token of each row
+    return model
+
+
+def _model_kwargs(cfg: ModelSection, precision: Precision) -> dict:
     kwargs = {"dtype": precision.dtype}
     if cfg.attn_implementation:
         kwargs["attn_implementation"] = cfg.attn_implementation
-    return _from_pretrained(AutoModelForCausalLM, cfg, path, **kwargs)
+    if cfg.quantization != "none":
+        kwargs["quantization_config"] = bnb_config(cfg.quantization, precision)
+    return kwargs
+
+
+def bnb_config(quantization: str, precision: Precision):
+    """bitsandbytes settings for a QLoRA base: nf4 with double quantization, or LLM.int8()."""
+    try:
+        import bitsandbytes  # noqa: F401
+    except Exception as exc:  # missing, or built without support for this machine
+        raise UserError(f"model.quantization: {quantization} needs a working bitsandbytes ({exc}); "
+                        "pip install bitsandbytes, or set model.quantization: none") from None
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=precision.dtype)
 
 
 def _from_pretrained(cls, cfg: ModelSection, path: str, **kwargs):

@@ -6,6 +6,7 @@ Every problem is collected and reported together, each as `path.to.key: message`
 from __future__ import annotations
 
 import difflib
+import re
 import types
 import typing
 from pathlib import Path
@@ -38,7 +39,8 @@ def validate_recipe(raw: dict[str, Any], source: str = "recipe") -> Recipe:
     try:
         return Recipe.model_validate(raw)
     except ValidationError as exc:
-        problems = [format_error(err) for err in exc.errors()]
+        # A cross-field check may report several problems in one message, one per line.
+        problems = [line for err in exc.errors() for line in format_error(err).splitlines()]
         raise UserError(f"{source}: {len(problems)} problem(s)", problems) from None
 
 
@@ -125,6 +127,9 @@ def _is_union(annotation: Any) -> bool:
     return typing.get_origin(annotation) in (typing.Union, types.UnionType)
 
 
+KEY_PATH = re.compile(r"^[a-z_]+(\.[a-z_]+|\[\d+\])+: ")
+
+
 def format_error(err: dict[str, Any]) -> str:
     loc = [str(p) for p in err["loc"]]
     message = err["msg"].removeprefix("Value error, ")
@@ -132,8 +137,8 @@ def format_error(err: dict[str, Any]) -> str:
         message = "unknown key" + _suggestion(loc)
     elif err["type"] == "missing":
         message = "required key is missing"
-    if not loc:  # cross-field checks name their own keys in the message
-        return message
+    if not loc or err["type"] == "value_error" and KEY_PATH.match(message):
+        return message  # cross-field checks name their own keys
     return f"{_dotted(loc)}: {message}"
 
 

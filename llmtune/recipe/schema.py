@@ -30,6 +30,8 @@ class ModelSection(Section):
     """Allow the model repository to run its own Python code (only for repositories you trust)."""
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] | None = None
     """Attention kernel; unset lets transformers choose (sdpa where available)."""
+    quantization: Literal["none", "4bit", "8bit"] = "none"
+    """Load the frozen base quantized with bitsandbytes for QLoRA: `4bit` (nf4, double quantization) or `8bit`."""
 
 
 class DataSource(Section):
@@ -41,8 +43,8 @@ class DataSource(Section):
     """Hub data set configuration name, if it has several."""
     split: str = "train"
     """Split to read from the source."""
-    format: Literal["messages", "prompt_completion"] = "messages"
-    """Row layout: `messages` (list of {role, content}) or `prompt_completion` (two strings)."""
+    format: Literal["messages", "prompt_completion", "classification"] = "messages"
+    """Row layout: `messages` (list of {role, content}), `prompt_completion` (two strings) or `classification` (text, label)."""
     columns: dict[str, str] = Field(default_factory=dict)
     """Rename source columns to the format's field names, e.g. {prompt: question, completion: answer}."""
     max_samples: int | None = Field(default=None, gt=0)
@@ -71,27 +73,63 @@ class DataSection(Section):
 
 
 class MethodSection(Section):
-    kind: Literal["sft"] = "sft"
-    """Training method: `sft` (supervised fine-tuning on the assistant/completion tokens)."""
+    kind: Literal["sft", "classification"] = "sft"
+    """Training method: `sft` (loss on the assistant/completion tokens) or `classification` (a new
+    sequence-classification head on the base; labels and their count come from the data)."""
 
 
 class AdapterSection(Section):
-    kind: Literal["lora", "full"] = "lora"
-    """What is trained: `lora` adapters on a frozen base, or `full` (every weight)."""
+    kind: Literal["lora", "full", "freeze", "prefix", "prompt", "ia3"] = "lora"
+    """What trains: `lora` adapters (QLoRA with model.quantization), `full` (every weight), `freeze`
+    (every weight outside the frozen part), `prefix` or `prompt` tuning (virtual tokens), or `ia3`."""
     r: int = Field(default=16, gt=0)
-    """LoRA rank."""
+    """lora: rank."""
     alpha: float = Field(default=32, gt=0)
-    """LoRA scaling numerator (the update is scaled by alpha / r)."""
+    """lora: scaling numerator (the update is scaled by alpha / r)."""
     dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
-    """Dropout on the LoRA input."""
-    target_modules: str | list[str] = "all-linear"
-    """Modules that get adapters: `all-linear` or a list of module-name patterns."""
-    modules_to_save: list[str] = Field(default_factory=list)
-    """Modules trained in full and saved beside the adapter (e.g. a new head)."""
+    """lora: dropout on the adapter input."""
     use_rslora: bool = False
-    """Rank-stabilised LoRA scaling (alpha / sqrt(r))."""
+    """lora: rank-stabilised scaling (alpha / sqrt(r))."""
     use_dora: bool = False
-    """Weight-decomposed LoRA (DoRA)."""
+    """lora: weight-decomposed LoRA (DoRA): a trained magnitude per output feature as well."""
+    target_modules: str | list[str] | None = None
+    """lora, ia3: module-name patterns that get adapters; unset: `all-linear` for LoRA, PEFT's per-architecture default for IA3."""
+    feedforward_modules: list[str] | None = None
+    """ia3: which of target_modules are feed-forward (scaled on their input); unset: PEFT's default."""
+    modules_to_save: list[str] = Field(default_factory=list)
+    """lora, ia3: modules trained in full and saved beside the adapter (e.g. a new head)."""
+    trainable: list[str] = Field(default_factory=list)
+    """freeze: train only parameters whose names match one of these regular expressions."""
+    freeze_embeddings: bool = False
+    """freeze: freeze the input embeddings (and the output head when it shares their weights)."""
+    freeze_layers: int = Field(default=0, ge=0)
+    """freeze: freeze the first N transformer layers."""
+    num_virtual_tokens: int = Field(default=20, gt=0)
+    """prefix, prompt: virtual tokens prepended to every sequence."""
+    prefix_projection: bool = False
+    """prefix: reparameterise the prefix through a two-layer MLP (more parameters, often steadier)."""
+    prompt_init_text: str | None = None
+    """prompt: initialise the virtual tokens from this text's embeddings; unset: random."""
+
+    @model_validator(mode="after")
+    def _fields_fit_the_kind(self) -> AdapterSection:
+        wrong = [f"adapter.{name}: applies to kind {' or '.join(sorted(kinds))} only, not {self.kind}; remove it"
+                 for name, kinds in ADAPTER_FIELD_KINDS.items() if name in self.model_fields_set and self.kind not in kinds]
+        if self.kind == "freeze" and not (self.trainable or self.freeze_embeddings or self.freeze_layers):
+            wrong.append("adapter.kind: freeze needs adapter.trainable patterns, freeze_embeddings or freeze_layers")
+        if wrong:
+            raise ValueError("\n".join(wrong))
+        return self
+
+
+# Which adapter kinds read each kind-specific field: a field set for another kind is an error,
+# not silently ignored.
+ADAPTER_FIELD_KINDS = {
+    "r": {"lora"}, "alpha": {"lora"}, "dropout": {"lora"}, "use_rslora": {"lora"}, "use_dora": {"lora"},
+    "target_modules": {"lora", "ia3"}, "feedforward_modules": {"ia3"}, "modules_to_save": {"lora", "ia3"},
+    "trainable": {"freeze"}, "freeze_embeddings": {"freeze"}, "freeze_layers": {"freeze"},
+    "num_virtual_tokens": {"prefix", "prompt"}, "prefix_projection": {"prefix"}, "prompt_init_text": {"prompt"},
+}
 
 
 class TrainSection(Section):
@@ -187,6 +225,27 @@ class Recipe(Section):
             raise ValueError(
                 "eval.exact_match: needs held-out rows; set data.eval_sources or data.eval_fraction > 0"
             )
-        if self.export.merged and self.adapter.kind == "full":
-            raise ValueError("export.merged: a full fine-tune has no adapter to merge (final/ is already a full model); remove it")
+        problems = []
+        if self.export.merged and self.adapter.kind not in MERGEABLE:
+            problems.append(f"export.merged: adapter kind {self.adapter.kind} cannot be merged "
+                            f"({'final/ is already a full model' if self.adapter.kind in ('full', 'freeze') else 'virtual tokens are not weights'}); remove it")
+        if self.adapter.kind == "prefix" and self.train.gradient_checkpointing:
+            problems.append("adapter.kind: prefix tuning cannot run with gradient checkpointing (PEFT's cached prefix "
+                            "key/values do not survive recomputation); set train.gradient_checkpointing: false")
+        if self.model.quantization != "none" and self.adapter.kind != "lora":
+            problems.append(f"model.quantization: a quantized base trains through LoRA adapters only (QLoRA), "
+                            f"not adapter kind {self.adapter.kind}; set adapter.kind: lora or model.quantization: none")
+        classification = self.method.kind == "classification"
+        for where, sources in (("data.sources", self.data.sources), ("data.eval_sources", self.data.eval_sources)):
+            for i, source in enumerate(sources):
+                if (source.format == "classification") != classification:
+                    problems.append(f"{where}[{i}].format: method.kind {self.method.kind} "
+                                    f"{'needs' if classification else 'cannot use'} format classification")
+        if classification and self.eval.exact_match:
+            problems.append("eval.exact_match: scores generated text; classification reports accuracy and macro-F1 by itself; remove it")
+        if problems:
+            raise ValueError("\n".join(problems))
         return self
+
+
+MERGEABLE = ("lora", "ia3")
