@@ -16,10 +16,9 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_args(argv)
     if not getattr(args, "func", None):
-        parser.print_help()
+        build_parser().print_help()
         return 2
     try:
         args.func(args)
@@ -37,6 +36,17 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = build_parser()
+    # key=value overrides may also follow options (`train r.yaml --resume train.max_steps=5`).
+    args, extra = parser.parse_known_args(argv)
+    if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides += extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llmtune", description="Fine-tune and align LLMs from one YAML recipe.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for input errors too")
@@ -50,8 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = verbs.add_parser("train", help="run a recipe: train, then evaluate and export as it says",
                          description="Run every stage the recipe names; prints the run directory.")
     _recipe_args(p)
-    p.add_argument("--resume", nargs="?", const=True, default=False, metavar="RUN_DIR",
-                   help="continue the newest run of this recipe (or RUN_DIR) from its newest complete checkpoint")
+    p.add_argument("--resume", action="store_true",
+                   help="continue train.output_dir (default: the newest run of this recipe) from its newest complete checkpoint")
     p.set_defaults(func=cmd_train)
 
     p = verbs.add_parser("ls", help="list shipped recipes and built-in models",

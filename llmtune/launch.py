@@ -5,11 +5,11 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from datetime import datetime
 from pathlib import Path
 
 from llmtune.errors import UserError
 from llmtune.recipe import Recipe
+from llmtune.runs import RunDir
 
 LAUNCHED_ENV = "LLMTUNE_LAUNCHED"
 
@@ -23,15 +23,13 @@ def relaunch_if_needed(recipe: Recipe, args) -> bool:
     if not config.is_file():
         raise UserError(f"launch.accelerate_config: {config} not found")
     overrides = list(args.overrides)
-    if recipe.train.output_dir is None and args.resume is False:
-        # Every rank must write to the same run directory, so the parent names it once.
-        overrides.append(f"train.output_dir=runs/{recipe.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}")
+    if recipe.train.output_dir is None:
+        # Every rank must write to the same run directory, so the parent picks it once.
+        overrides.append(f"train.output_dir={RunDir.for_recipe(recipe, args.resume).path}")
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config)]
     if cfg.num_processes:
         command += ["--num_processes", str(cfg.num_processes)]
-    command += ["-m", "llmtune.cli", "train", args.recipe, *overrides]
-    if args.resume is not False:
-        command += ["--resume"] if args.resume is True else ["--resume", args.resume]
+    command += ["-m", "llmtune.cli", "train", args.recipe, *overrides] + (["--resume"] if args.resume else [])
     result = subprocess.run(command, env=os.environ | {LAUNCHED_ENV: "1"})
     if result.returncode:
         sys.exit(result.returncode)

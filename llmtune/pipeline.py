@@ -10,16 +10,18 @@ from typing import Any
 from transformers import set_seed
 
 from llmtune.data import prepare_data
+from llmtune.errors import UserError
 from llmtune.evaluation.classification import classification_metrics
 from llmtune.evaluation.exact_match import exact_match
 from llmtune.export.merge import export_merged
 from llmtune.methods.classification import train_classification
 from llmtune.methods.sft import train_sft
 from llmtune.models.adapter import apply_adapter, count_parameters
-from llmtune.models.load import load_causal_lm, load_classifier, load_tokenizer, resolve_model_path, resolve_precision
+from llmtune.models.load import (for_trainable_weights, load_causal_lm, load_classifier, load_tokenizer,
+                                 resolve_model_path, resolve_precision, training_device)
 from llmtune.recipe import Recipe
 from llmtune.report import print_summary
-from llmtune.runs import RunDir, now
+from llmtune.runs import RunDir, is_main_process, now
 
 TRAINERS = {"sft": train_sft, "classification": train_classification}
 
@@ -32,19 +34,20 @@ class RunResult:
     tokenizer: Any = None
 
 
-def run_recipe(recipe: Recipe, recipe_dir: Path, resume: bool | str = False) -> RunResult:
+def run_recipe(recipe: Recipe, recipe_dir: Path, resume: bool = False) -> RunResult:
     run = RunDir.for_recipe(recipe, resume)
     previous = run.read_json("summary.json") if resume else None
     if previous and previous.get("status") == "completed":
         print(f"[llmtune] {run.path} already completed; nothing to resume")
         print_summary(previous)
         return RunResult(run, previous)
-    run.start(recipe, bool(resume))
+    run.start(recipe, resume)
     started_at, t0 = now(), time.perf_counter()
 
     # Model, tokenizer and data
     set_seed(recipe.train.seed)  # a new head and the adapter's initial weights are drawn below
-    precision = resolve_precision(recipe.model.dtype)
+    whole_weights_train = recipe.adapter.kind in ("full", "freeze") or recipe.method.kind == "classification"
+    precision = for_trainable_weights(resolve_precision(recipe.model.dtype), whole_weights_train)
     model_path = resolve_model_path(recipe.model.name)
     tokenizer = load_tokenizer(recipe.model, model_path)
     data = prepare_data(recipe.data, recipe_dir, tokenizer, recipe.train.seed)
@@ -53,10 +56,12 @@ def run_recipe(recipe: Recipe, recipe_dir: Path, resume: bool | str = False) -> 
         model = load_classifier(recipe.model, model_path, precision, data.label_names, tokenizer.pad_token_id)
     else:
         model = load_causal_lm(recipe.model, model_path, precision)
+    if recipe.model.quantization == "none":
+        model.to(training_device())  # evaluate "before" where training will run (bitsandbytes placed itself)
 
     # Evaluate the base model (kept from the first attempt when resuming)
     evaluation = {}
-    if recipe.eval.before_after and _has_evaluation(recipe, data):
+    if recipe.eval.before_after and is_main_process() and _has_evaluation(recipe, data):
         evaluation["before"] = run.read_json("eval/before.json") or _evaluate(recipe, run, model, tokenizer, data, "before")
 
     # Train
@@ -70,7 +75,9 @@ def run_recipe(recipe: Recipe, recipe_dir: Path, resume: bool | str = False) -> 
         run.truncate_metrics(after_step=int(checkpoint.name.split("-")[1]) if checkpoint else 0)
     trainer, output = TRAINERS[recipe.method.kind](recipe, run, model, tokenizer, data, precision,
                                                    str(checkpoint) if checkpoint else None)
-    final = run.save_final(trainer.model, tokenizer)
+    final = run.save_final(trainer, tokenizer)
+    if not is_main_process():
+        return RunResult(run, {}, trainer.model, tokenizer)  # evaluation, export and reports happen once, on rank 0
 
     # Evaluate the trained model
     if _has_evaluation(recipe, data):
@@ -109,7 +116,7 @@ def run_recipe(recipe: Recipe, recipe_dir: Path, resume: bool | str = False) -> 
         "eval": evaluation,
         "final": str(final),
         "export": exports,
-        "plots": [str(p) for p in [run.plot_loss()] if p],
+        "plots": [str(p) for p in [run.plot_loss(), run.plot_eval(evaluation)] if p],
     }
     run.update_manifest(ended_at=now())
     run.write_summary(summary)
@@ -120,6 +127,9 @@ def run_recipe(recipe: Recipe, recipe_dir: Path, resume: bool | str = False) -> 
 def _has_evaluation(recipe: Recipe, data) -> bool:
     if recipe.method.kind == "classification":
         return data.eval is not None
+    if recipe.eval.exact_match is not None and not data.eval_rows:
+        raise UserError("eval.exact_match: no usable held-out rows (see the drop reasons in the data report)",
+                        [f"{reason}: {d['rows']} row(s), first at {', '.join(d['first'])}" for reason, d in data.stats["dropped"].items()])
     return recipe.eval.exact_match is not None
 
 

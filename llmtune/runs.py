@@ -53,23 +53,24 @@ class RunDir:
     # -- creation and resume -------------------------------------------------------------------
 
     @classmethod
-    def for_recipe(cls, recipe: Recipe, resume: bool | str) -> RunDir:
+    def for_recipe(cls, recipe: Recipe, resume: bool) -> RunDir:
         """The run directory to write: new, or the one being resumed."""
-        if isinstance(resume, str):
-            path = Path(resume)
-        elif recipe.train.output_dir:
+        if recipe.train.output_dir:
             path = Path(recipe.train.output_dir)
         elif resume:
-            candidates = sorted(Path("runs").glob(f"{recipe.name}-*"), key=lambda p: p.stat().st_mtime)
+            # Exactly this recipe's runs: `qlora` must not resume a newer `qlora-8bit-...` run.
+            pattern = re.compile(rf"^{re.escape(recipe.name)}-\d{{8}}-\d{{6}}$")
+            candidates = sorted(p for p in Path("runs").glob(f"{recipe.name}-*") if pattern.match(p.name))
             if not candidates:
                 raise UserError(f"--resume: no earlier run of {recipe.name} under runs/; start it without --resume")
             path = candidates[-1]
         else:
-            path = Path("runs") / f"{recipe.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+            path = default_run_dir(recipe.name)
         run = cls(path)
         if resume and not (path / "recipe.resolved.yaml").is_file():
             raise UserError(f"--resume: {path} is not an llmtune run directory (no recipe.resolved.yaml)")
-        if not resume and path.exists() and any(path.iterdir()):
+        # Only rank 0 checks: the other ranks start while rank 0 may already be writing here.
+        if not resume and is_main_process() and path.exists() and any(path.iterdir()):
             raise UserError(f"train.output_dir: {path} already holds a run; pass --resume to continue it, or choose another directory")
         return run
 
@@ -92,6 +93,12 @@ class RunDir:
     def write_manifest(self, recipe: Recipe, model_path: str, fingerprints: dict[str, str], started_at: str, **extra: Any) -> None:
         if not is_main_process():
             return
+        previous = self.read_json("manifest.json")
+        if previous:  # a resumed run: keep when it first started, and say if the data changed since
+            extra["resumed_at"] = started_at
+            started_at = previous["started_at"]
+            if previous["data_fingerprints"] != fingerprints:
+                print("[llmtune] warning: the training data changed since this run started; resuming with the new data")
         manifest = {
             "llmtune": __version__,
             "python": platform.python_version(),
@@ -144,11 +151,7 @@ class RunDir:
         rows = [r for r in self.read_metrics() if "loss" in r]
         if not rows or not is_main_process():
             return None
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
+        plt = _pyplot()
         self.plots.mkdir(exist_ok=True)
         fig, ax = plt.subplots(figsize=(7, 4))
         ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], lw=1.5)
@@ -160,18 +163,44 @@ class RunDir:
         plt.close(fig)
         return out
 
+    def plot_eval(self, evaluation: dict) -> Path | None:
+        """Bars of each held-out metric before and after training."""
+        if "after" not in evaluation or not is_main_process():
+            return None
+        plt = _pyplot()
+        metrics = [m for m in evaluation["after"] if m != "n"]
+        stages = [s for s in ("before", "after") if s in evaluation]
+        self.plots.mkdir(exist_ok=True)
+        fig, ax = plt.subplots(figsize=(1.8 + 1.6 * len(metrics), 4))
+        width = 0.8 / len(stages)
+        for i, stage in enumerate(stages):
+            xs = [j + i * width for j in range(len(metrics))]
+            bars = ax.bar(xs, [evaluation[stage][m] for m in metrics], width, label=stage)
+            ax.bar_label(bars, fmt="%.2f")
+        ax.set_xticks([j + width * (len(stages) - 1) / 2 for j in range(len(metrics))], metrics)
+        ax.set(ylim=(0, 1.1), title=f"held-out evaluation (n={evaluation['after']['n']})")
+        ax.legend()
+        fig.tight_layout()
+        out = self.plots / "eval.png"
+        fig.savefig(out, dpi=120)
+        plt.close(fig)
+        return out
+
     # -- final model -----------------------------------------------------------------------------
 
-    def save_final(self, model, tokenizer) -> Path:
-        """final/: the adapter or full model plus tokenizer, written to a temp dir then renamed."""
-        if not is_main_process():
-            return self.final
+    def save_final(self, trainer, tokenizer) -> Path:
+        """final/: the adapter or full model plus tokenizer, written to a temp dir then renamed.
+
+        Every rank calls this: trainer.save_model gathers ZeRO-3 / FSDP shards, and writes on rank 0 only.
+        """
         tmp = self.path / ".final.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        shutil.rmtree(self.final, ignore_errors=True)
-        os.replace(tmp, self.final)
+        if is_main_process():
+            shutil.rmtree(tmp, ignore_errors=True)
+        trainer.save_model(str(tmp))
+        if is_main_process():
+            tokenizer.save_pretrained(tmp)
+            shutil.rmtree(self.final, ignore_errors=True)
+            os.replace(tmp, self.final)
         return self.final
 
 
@@ -211,6 +240,10 @@ class RunCallback(TrainerCallback):
             self.bar.set_postfix(loss=f"{logs['loss']:.4f}", refresh=False)
 
     def on_save(self, args, state, control, **kwargs):
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()  # every rank has written its part (RNG state, shards) before the rename
         if not state.is_world_process_zero:
             return
         name = f"checkpoint-{state.global_step}"
@@ -226,6 +259,19 @@ class RunCallback(TrainerCallback):
             self.bar.close()
         if state.is_world_process_zero:
             shutil.rmtree(self.run.staging, ignore_errors=True)  # only ever holds unfinished work
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; no display on servers
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def default_run_dir(name: str) -> Path:
+    return Path("runs") / f"{name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
 
 
 def write_atomic(path: Path, text: str) -> None:

@@ -130,3 +130,32 @@ def test_shipped_quickstart_data_equals_its_generator(tmp_path):
     test_customers = {json.loads(json.loads(l)["messages"][1]["content"])["customer"]
                       for l in (quickstart / "test.jsonl").read_text().splitlines()}
     assert not any(f'"customer": "{c}"' in t for c in test_customers for t in train_names)
+
+
+def test_several_sources_are_mixed_before_holding_out(tmp_path, tiny_tokenizer):
+    a = write_jsonl(tmp_path / "a.jsonl", [{"prompt": f"a{i}", "completion": "x"} for i in range(20)])
+    b = write_jsonl(tmp_path / "b.jsonl", [{"prompt": f"b{i}", "completion": "y"} for i in range(20)])
+    cfg = DataSection(sources=[{"path": str(a), "format": "prompt_completion"},
+                               {"path": str(b), "format": "prompt_completion"}], eval_fraction=0.5)
+    data = prepare_data(cfg, tmp_path, tiny_tokenizer, seed=0)
+    held_out_from = {row[0]["content"][0] for row in data.eval_rows}
+    assert held_out_from == {"a", "b"}
+
+
+def test_mapped_columns_win_over_same_named_columns(tmp_path, tiny_tokenizer):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "stale", "question": "Greet Ada.", "completion": "Hi"}])
+    cfg = DataSection(sources=[{"path": str(path), "format": "prompt_completion", "columns": {"prompt": "question"}}],
+                      eval_sources=[{"path": str(path), "format": "prompt_completion", "columns": {"prompt": "question"}}])
+    assert prepare_data(cfg, tmp_path, tiny_tokenizer, seed=0).eval_rows[0][0]["content"] == "Greet Ada."
+
+
+def test_held_out_rows_must_end_on_an_answer(tmp_path, tiny_tokenizer):
+    train = write_jsonl(tmp_path / "t.jsonl", greeting_rows(2))
+    held = write_jsonl(tmp_path / "h.jsonl", [
+        {"messages": greeting_rows(1)[0]["messages"] + [{"role": "user", "content": "And now?"}]},
+        {"messages": [{"role": "assistant", "content": "Hello"}]},
+    ] + greeting_rows(1))
+    data = prepare_data(DataSection(sources=[{"path": str(train)}], eval_sources=[{"path": str(held)}]),
+                        tmp_path, tiny_tokenizer, seed=0)
+    assert len(data.eval_rows) == 1
+    assert data.stats["dropped"]["held-out row does not end with a prompt and an assistant answer"]["first"] == ["h.jsonl:1", "h.jsonl:2"]

@@ -129,3 +129,52 @@ def test_every_field_has_a_doc():
                 walk(sub, f"{prefix}{name}.")
 
     walk(Recipe, "")
+
+
+@pytest.mark.parametrize("kind", ["lora", "full", "prefix", "prompt", "ia3"])
+def test_resolved_recipe_validates_again(kind, tmp_path):
+    from llmtune.recipe import dump_recipe
+
+    path = write(tmp_path, f"data: {{sources: [{{path: a.jsonl}}]}}\nadapter: {{kind: {kind}}}\n")
+    recipe, _ = load_recipe(path)
+    again = tmp_path / "again.yaml"
+    again.write_text(dump_recipe(recipe))
+    assert load_recipe(again)[0] == recipe
+
+
+def test_an_override_can_switch_the_adapter_kind(tmp_path):
+    path = write(tmp_path, "data: {sources: [{path: a.jsonl}]}\nadapter: {kind: lora}\n")
+    assert load_recipe(path, ["adapter.kind=ia3"])[0].adapter.kind == "ia3"
+    with pytest.raises(UserError) as info:
+        load_recipe(path, ["adapter.kind=ia3", "adapter.r=8"])
+    assert info.value.problems == ["adapter.r: applies to kind lora only, not ia3; remove it"]
+
+
+def test_union_fields_report_one_clean_path(tmp_path):
+    with pytest.raises(UserError) as info:
+        load_recipe(write(tmp_path, "data: {sources: [{path: a.jsonl}]}\nadapter: {target_modules: 5}\n"))
+    assert [p.split(":")[0] for p in info.value.problems] == ["adapter.target_modules"]
+
+
+def test_cross_field_problems_are_reported_together(tmp_path):
+    text = ("data: {sources: [{path: a.jsonl}]}\neval: {exact_match: {}}\nlaunch: {num_processes: 2}\n"
+            "adapter: {kind: prefix}\ntrain: {gradient_checkpointing: true, optimizer: adamw_torh}\n")
+    with pytest.raises(UserError) as info:
+        load_recipe(write(tmp_path, text))
+    assert [p.split(":")[0] for p in info.value.problems] == ["train.optimizer"]
+    assert "did you mean 'adamw_torch'" in info.value.problems[0]
+    with pytest.raises(UserError) as info:
+        load_recipe(write(tmp_path, text.replace("adamw_torh", "adamw_torch")))
+    assert [p.split(":")[0] for p in info.value.problems] == ["eval.exact_match", "launch.num_processes", "adapter.kind"]
+
+
+def test_bad_trainable_regex_is_a_recipe_error(tmp_path):
+    with pytest.raises(UserError, match=r"adapter.trainable: '\(' is not a valid regular expression"):
+        load_recipe(write(tmp_path, "data: {sources: [{path: a.jsonl}]}\nadapter: {kind: freeze, trainable: ['(']}\n"))
+
+
+def test_resume_flag_does_not_swallow_overrides():
+    from llmtune.cli import parse_args
+
+    args = parse_args(["train", "r.yaml", "--resume", "train.max_steps=5"])
+    assert args.resume is True and args.overrides == ["train.max_steps=5"]

@@ -116,3 +116,18 @@ def test_cpu_loss_path_equals_trl_fused_loss(tiny_model_dir, tiny_tokenizer):
         out = model(input_ids=ids, labels=lab, fused_lm_head=True)
         fused = -out.log_probs.sum() / out.label_mask.sum()
     assert torch.allclose(plain, fused, atol=1e-5)
+
+
+def test_gradient_accumulation_equals_the_larger_batch(make_recipe, tmp_path):
+    """batch 4 x 1 and batch 2 x 2 see the same rows per step and average over the same tokens."""
+    from safetensors.torch import load_file
+
+    path = make_recipe(train={"max_steps": 2, "learning_rate": 1e-2})
+    one = train(path, "train.batch_size=4", "train.grad_accum=1", f"train.output_dir={tmp_path / 'one'}")
+    two = train(path, "train.batch_size=2", "train.grad_accum=2", f"train.output_dir={tmp_path / 'two'}")
+    a = load_file(one.final / "adapter_model.safetensors")
+    b = load_file(two.final / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=1e-5), key
+    assert one.read_metrics()[0]["loss"] == pytest.approx(two.read_metrics()[0]["loss"], abs=1e-5)

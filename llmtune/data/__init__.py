@@ -32,11 +32,17 @@ def prepare_data(cfg: DataSection, base_dir: Path, tokenizer, seed: int) -> Prep
     fingerprints: dict[str, str] = {}
     train_rows = _read_all(cfg.sources, base_dir, cfg, seed, drops, fingerprints)
     eval_rows = _read_all(cfg.eval_sources, base_dir, cfg, seed, drops, fingerprints)
+    if len(cfg.sources) > 1:  # mix the sources, so eval_fraction holds out rows of every source
+        random.Random(seed).shuffle(train_rows)
     if not cfg.eval_sources and cfg.eval_fraction > 0:
         n_eval = max(1, round(len(train_rows) * cfg.eval_fraction))
         eval_rows, train_rows = train_rows[:n_eval], train_rows[n_eval:]
 
     label_names = sorted({label for _, (_, label) in train_rows}) if classification else None
+    if classification and len(label_names) < 2:
+        raise UserError(f"data.sources: classification needs at least two labels; the training rows have {label_names}")
+    if not classification:
+        eval_rows = _held_out_ends_on_answer(eval_rows, cfg, drops)
     tokenize = partial(_tokenize_classification, label_names=label_names) if classification else _tokenize
     train, _ = tokenize(train_rows, tokenizer, cfg, drops)
     evaluation, eval_rows = tokenize(eval_rows, tokenizer, cfg, drops)
@@ -99,6 +105,17 @@ def _tokenize(rows: list, tokenizer, cfg: DataSection, drops: DropReport) -> tup
         out["labels"].append(labels)
         kept.append(messages)
     return out, kept
+
+
+def _held_out_ends_on_answer(rows: list, cfg: DataSection, drops: DropReport) -> list:
+    """A held-out conversation is scored on its last turn, so that turn must be the assistant's."""
+    kept = []
+    for where, messages in rows:
+        if messages[-1]["role"] != "assistant" or len(messages) < 2:
+            _drop(drops, cfg, "held-out row does not end with a prompt and an assistant answer", where)
+        else:
+            kept.append((where, messages))
+    return kept
 
 
 def _tokenize_classification(rows: list, tokenizer, cfg: DataSection, drops: DropReport,

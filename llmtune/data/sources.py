@@ -35,9 +35,6 @@ class DropReport:
     def as_dict(self) -> dict[str, Any]:
         return {reason: {"rows": n, "first": self.examples[reason]} for reason, n in self.counts.items()}
 
-    @property
-    def total(self) -> int:
-        return sum(self.counts.values())
 
 
 class RowError(ValueError):
@@ -112,8 +109,9 @@ def to_canonical(row: Any, source: DataSource) -> list[dict[str, str]] | tuple[s
         raise row
     if not isinstance(row, dict):
         raise RowError("row is not a JSON object")
-    row = {field: row.get(column) for field, column in source.columns.items()} | {
-        k: v for k, v in row.items() if k not in source.columns.values()
+    # Mapped columns win over raw columns that happen to carry a format field's name.
+    row = {k: v for k, v in row.items() if k not in source.columns.values()} | {
+        field: row.get(column) for field, column in source.columns.items()
     }
     if source.format == "classification":
         label = row.get("label")

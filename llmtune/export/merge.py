@@ -25,13 +25,14 @@ def export_merged(adapter_dir: Path, out_dir: Path, recipe: Recipe, sample_conve
 
     base_path = resolve_model_path(recipe.model.name)
     tokenizer = load_tokenizer(recipe.model, str(adapter_dir))
-    adapted = PeftModel.from_pretrained(load_causal_lm(recipe.model, base_path, FP32), adapter_dir).eval()
+    # Never merge into a 4/8-bit base: that would quantize the merged weights too (DESIGN.md's trap).
+    unquantized = recipe.model.model_copy(update={"quantization": "none"})
+    adapted = PeftModel.from_pretrained(load_causal_lm(unquantized, base_path, FP32), adapter_dir).eval()
 
     texts = [prompt_text(c, tokenizer, recipe.data.chat_template) for c in (sample_conversations or [])[:4]]
     inputs = tokenizer(texts or ["The quick brown fox jumps over the lazy dog."], return_tensors="pt", padding=True)
     adapter_logits = adapted(**inputs).logits
     merged = adapted.merge_and_unload()
-    diff = (merged(**inputs).logits - adapter_logits).abs().max().item()
 
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -39,5 +40,8 @@ def export_merged(adapter_dir: Path, out_dir: Path, recipe: Recipe, sample_conve
     tokenizer.save_pretrained(tmp)
     shutil.rmtree(out_dir, ignore_errors=True)
     os.replace(tmp, out_dir)
+    # The check is on what a user will load: the merged model read back from disk.
+    reloaded = load_causal_lm(unquantized, str(out_dir), FP32).eval()
+    diff = (reloaded(**inputs).logits - adapter_logits).abs().max().item()
     size = sum(f.stat().st_size for f in out_dir.rglob("*") if f.is_file())
     return {"path": str(out_dir), "bytes": size, "max_abs_logit_diff": diff}

@@ -42,7 +42,7 @@ def training_arguments(recipe: Recipe, run: RunDir, precision: Precision) -> dic
     )
 
 
-def run_trainer(trainer, run: RunDir, resume_from: str | None):
+def run_trainer(trainer, resume_from: str | None):
     """Train with llmtune's run-directory callback in place of transformers' log printing."""
     from transformers.trainer_callback import PrinterCallback
 

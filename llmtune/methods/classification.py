@@ -19,4 +19,4 @@ def train_classification(recipe: Recipe, run: RunDir, model, tokenizer, data, pr
                       train_dataset=data.train, processing_class=tokenizer,
                       data_collator=DataCollatorWithPadding(tokenizer),
                       callbacks=[RunCallback(run, recipe.train.save_total_limit)])
-    return trainer, run_trainer(trainer, run, resume_from)
+    return trainer, run_trainer(trainer, resume_from)

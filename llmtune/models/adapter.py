@@ -30,7 +30,10 @@ def apply_adapter(model, cfg: AdapterSection, task: str = "CAUSAL_LM", tokenizer
     # 4/8-bit weights (measured: logits move by ~3e-3), so a reload of final/ onto a freshly
     # quantized base would no longer reproduce the trained model. Its other work (fp32 casts of
     # 16-bit norms) only matters with a 16-bit dtype, and norms then follow model.dtype.
-    return peft.get_peft_model(model, _peft_config(cfg, task, tokenizer_path))
+    try:
+        return peft.get_peft_model(model, _peft_config(cfg, task, tokenizer_path))
+    except ValueError as exc:  # e.g. target_modules that match no module of this architecture
+        raise UserError(f"adapter: PEFT cannot apply {cfg.kind} to this model: {str(exc).splitlines()[0]}") from None
 
 
 def _peft_config(cfg: AdapterSection, task: str, tokenizer_path: str | None):

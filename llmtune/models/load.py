@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +23,9 @@ class Precision:
 
     @property
     def name(self) -> str:
-        return str(self.dtype).removeprefix("torch.")
+        weights = str(self.dtype).removeprefix("torch.")
+        autocast = "bfloat16" if self.bf16 else "float16" if self.fp16 else weights
+        return weights if autocast == weights else f"{weights} weights, {autocast} autocast"
 
 
 def resolve_precision(requested: str) -> Precision:
@@ -32,11 +35,28 @@ def resolve_precision(requested: str) -> Precision:
     step took ~100 s under bf16 autocast against 3.2 s in fp32.
     """
     if requested == "auto":
-        requested = "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"
+        # including_emulation=False: T4/V100 report bf16 "supported" through slow emulation.
+        native_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+        requested = "bfloat16" if native_bf16 else "float32"
     if requested == "float16" and not torch.cuda.is_available():
         raise UserError("model.dtype: float16 training needs a CUDA GPU; use float32 (or auto) on this machine")
     dtype = getattr(torch, requested)
     return Precision(dtype=dtype, bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16)
+
+
+def for_trainable_weights(precision: Precision, whole_weights_train: bool) -> Precision:
+    """Weights that train in full are held in fp32 (16-bit autocast still runs the maths): updates
+    smaller than bf16's resolution would be lost, and fp16 gradients cannot be unscaled."""
+    if whole_weights_train and precision.dtype != torch.float32:
+        return Precision(dtype=torch.float32, bf16=precision.bf16, fp16=precision.fp16)
+    return precision
+
+
+def training_device() -> torch.device:
+    """This process's accelerator (one per rank under a launcher), or the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
 
 
 def resolve_model_path(name: str) -> str:
@@ -81,6 +101,8 @@ def _model_kwargs(cfg: ModelSection, precision: Precision) -> dict:
         kwargs["attn_implementation"] = cfg.attn_implementation
     if cfg.quantization != "none":
         kwargs["quantization_config"] = bnb_config(cfg.quantization, precision)
+        # bitsandbytes places the weights at load time; each rank on its own GPU.
+        kwargs["device_map"] = {"": training_device()}
     return kwargs
 
 

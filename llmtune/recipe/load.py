@@ -40,8 +40,18 @@ def validate_recipe(raw: dict[str, Any], source: str = "recipe") -> Recipe:
         return Recipe.model_validate(raw)
     except ValidationError as exc:
         # A cross-field check may report several problems in one message, one per line.
-        problems = [line for err in exc.errors() for line in format_error(err).splitlines()]
+        problems = _merge_by_path([line for err in exc.errors() for line in format_error(err).splitlines()])
         raise UserError(f"{source}: {len(problems)} problem(s)", problems) from None
+
+
+def _merge_by_path(problems: list[str]) -> list[str]:
+    """One line per key: a union field reports once per member type ("a valid string; a valid list")."""
+    merged: dict[str, list[str]] = {}
+    for problem in problems:
+        path, _, message = problem.partition(": ")
+        if message not in merged.setdefault(path, []):
+            merged[path].append(message)
+    return [f"{path}: {'; '.join(messages)}" if messages != [""] else path for path, messages in merged.items()]
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -127,11 +137,13 @@ def _is_union(annotation: Any) -> bool:
     return typing.get_origin(annotation) in (typing.Union, types.UnionType)
 
 
+UNION_TAG = re.compile(r"[\[(]|^(str|int|float|bool|dict|list|none)$")
 KEY_PATH = re.compile(r"^[a-z_]+(\.[a-z_]+|\[\d+\])+: ")
 
 
 def format_error(err: dict[str, Any]) -> str:
-    loc = [str(p) for p in err["loc"]]
+    # pydantic appends the union member it tried ("str", "list[str]", "function-after[...]"): not a key.
+    loc = [str(p) for p in err["loc"] if not UNION_TAG.search(str(p))]
     message = err["msg"].removeprefix("Value error, ")
     if err["type"] == "extra_forbidden":
         message = "unknown key" + _suggestion(loc)

@@ -6,9 +6,11 @@ documentation: `llmtune validate`, the README's recipe reference and error messa
 
 from __future__ import annotations
 
+import difflib
+import re
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
@@ -113,10 +115,20 @@ class AdapterSection(Section):
 
     @model_validator(mode="after")
     def _fields_fit_the_kind(self) -> AdapterSection:
+        # A default value is never "set for another kind", so recipe.resolved.yaml (which spells out
+        # every default) validates again, and an override can switch kinds.
         wrong = [f"adapter.{name}: applies to kind {' or '.join(sorted(kinds))} only, not {self.kind}; remove it"
-                 for name, kinds in ADAPTER_FIELD_KINDS.items() if name in self.model_fields_set and self.kind not in kinds]
+                 for name, kinds in ADAPTER_FIELD_KINDS.items()
+                 if self.kind not in kinds and getattr(self, name) != type(self).model_fields[name].get_default(call_default_factory=True)]
         if self.kind == "freeze" and not (self.trainable or self.freeze_embeddings or self.freeze_layers):
             wrong.append("adapter.kind: freeze needs adapter.trainable patterns, freeze_embeddings or freeze_layers")
+        if self.trainable and (self.freeze_embeddings or self.freeze_layers):
+            wrong.append("adapter.trainable: give either trainable patterns or freeze_embeddings/freeze_layers, not both")
+        for pattern in self.trainable:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                wrong.append(f"adapter.trainable: {pattern!r} is not a valid regular expression ({exc})")
         if wrong:
             raise ValueError("\n".join(wrong))
         return self
@@ -155,6 +167,17 @@ class TrainSection(Section):
     """Gradient clipping norm."""
     optimizer: str = "adamw_torch"
     """Optimizer name as transformers knows it (adamw_torch, adamw_torch_fused, paged_adamw_8bit, ...)."""
+
+    @field_validator("optimizer")
+    @classmethod
+    def _known_optimizer(cls, name: str) -> str:
+        from transformers.training_args import OptimizerNames
+
+        known = [o.value for o in OptimizerNames]
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=1)
+            raise ValueError(f"unknown optimizer {name!r}" + (f"; did you mean {close[0]!r}?" if close else f"; one of {', '.join(known)}"))
+        return name
     seed: int = 42
     """Seed for initialisation, data order and dropout; same seed, same run."""
     logging_steps: int = Field(default=1, gt=0)
@@ -221,12 +244,15 @@ class Recipe(Section):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Recipe:
-        if self.eval.exact_match and not self.data.eval_sources and self.data.eval_fraction == 0:
-            raise ValueError(
-                "eval.exact_match: needs held-out rows; set data.eval_sources or data.eval_fraction > 0"
-            )
         problems = []
-        if self.export.merged and self.adapter.kind not in MERGEABLE:
+        if self.eval.exact_match and not self.data.eval_sources and self.data.eval_fraction == 0:
+            problems.append("eval.exact_match: needs held-out rows; set data.eval_sources or data.eval_fraction > 0")
+        if self.launch.num_processes and not self.launch.accelerate_config:
+            problems.append("launch.num_processes: needs launch.accelerate_config (the launch it configures)")
+        if self.export.merged and self.method.kind == "classification":
+            problems.append("export.merged: merged export covers causal language models; a classifier's final/ "
+                            "already loads with AutoPeftModelForSequenceClassification; remove it")
+        elif self.export.merged and self.adapter.kind not in MERGEABLE:
             problems.append(f"export.merged: adapter kind {self.adapter.kind} cannot be merged "
                             f"({'final/ is already a full model' if self.adapter.kind in ('full', 'freeze') else 'virtual tokens are not weights'}); remove it")
         if self.adapter.kind == "prefix" and self.train.gradient_checkpointing:
