@@ -28,7 +28,8 @@ CASES = {
     "lora": ({"kind": "lora", "r": 4}, {}, LORA_R4),
     "lora-dora-rslora": ({"kind": "lora", "r": 4, "alpha": 8, "use_dora": True, "use_rslora": True}, {},
                          LORA_R4 + (H * 2 + KV * 2 + FF * 2 + H) * LAYERS),  # + one magnitude per output feature
-    "lora-attention": ({"kind": "lora", "r": 4, "target_modules": ["q_proj", "v_proj"]}, {}, 4 * ((H + H) + (H + KV)) * LAYERS),
+    "lora-qv": ({"kind": "lora", "r": 4, "target_modules": ["q_proj", "v_proj"]}, {}, 4 * ((H + H) + (H + KV)) * LAYERS),
+    "lora-attention": ({"kind": "lora", "r": 4, "target_modules": "attention"}, {}, 4 * ((H + H) * 2 + (H + KV) * 2) * LAYERS),
     "qlora-4bit": ({"kind": "lora", "r": 4}, {"quantization": "4bit"}, LORA_R4),
     "qlora-8bit": ({"kind": "lora", "r": 4}, {"quantization": "8bit"}, LORA_R4),
     "full": ({"kind": "full"}, {}, "all"),

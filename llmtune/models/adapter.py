@@ -31,20 +31,34 @@ def apply_adapter(model, cfg: AdapterSection, task: str = "CAUSAL_LM", tokenizer
     # quantized base would no longer reproduce the trained model. Its other work (fp32 casts of
     # 16-bit norms) only matters with a 16-bit dtype, and norms then follow model.dtype.
     try:
-        return peft.get_peft_model(model, _peft_config(cfg, task, tokenizer_path))
+        return peft.get_peft_model(model, _peft_config(cfg, model, task, tokenizer_path))
     except ValueError as exc:  # e.g. target_modules that match no module of this architecture
         raise UserError(f"adapter: PEFT cannot apply {cfg.kind} to this model: {str(exc).splitlines()[0]}") from None
 
 
-def _peft_config(cfg: AdapterSection, task: str, tokenizer_path: str | None):
+# The attention projections' names in the Llama, Qwen2, Mistral, Gemma and Phi-3 families.
+ATTENTION_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+def _target_modules(cfg: AdapterSection, model, default):
+    if cfg.target_modules != "attention":
+        return cfg.target_modules or default
+    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    if not set(ATTENTION_MODULES) & names:
+        raise UserError(f"adapter.target_modules: this architecture has no {'/'.join(ATTENTION_MODULES)} modules; "
+                        "list its attention projections by name instead")
+    return [m for m in ATTENTION_MODULES if m in names]
+
+
+def _peft_config(cfg: AdapterSection, model, task: str, tokenizer_path: str | None):
     import peft
 
     if cfg.kind == "lora":
         return peft.LoraConfig(task_type=task, r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
-                               target_modules=cfg.target_modules or "all-linear", modules_to_save=cfg.modules_to_save or None,
-                               use_rslora=cfg.use_rslora, use_dora=cfg.use_dora)
+                               target_modules=_target_modules(cfg, model, "all-linear"),
+                               modules_to_save=cfg.modules_to_save or None, use_rslora=cfg.use_rslora, use_dora=cfg.use_dora)
     if cfg.kind == "ia3":
-        return peft.IA3Config(task_type=task, target_modules=cfg.target_modules, feedforward_modules=cfg.feedforward_modules,
+        return peft.IA3Config(task_type=task, target_modules=_target_modules(cfg, model, None), feedforward_modules=cfg.feedforward_modules,
                               modules_to_save=cfg.modules_to_save or None)
     if cfg.kind == "prefix":
         return peft.PrefixTuningConfig(task_type=task, num_virtual_tokens=cfg.num_virtual_tokens,

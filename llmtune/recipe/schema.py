@@ -95,7 +95,7 @@ class AdapterSection(Section):
     use_dora: bool = False
     """lora: weight-decomposed LoRA (DoRA): a trained magnitude per output feature as well."""
     target_modules: str | list[str] | None = None
-    """lora, ia3: module-name patterns that get adapters; unset: `all-linear` for LoRA, PEFT's per-architecture default for IA3."""
+    """lora, ia3: `all-linear`, `attention` (q/k/v/o projections) or module-name patterns; unset: `all-linear` for LoRA, PEFT's per-architecture default for IA3."""
     feedforward_modules: list[str] | None = None
     """ia3: which of target_modules are feed-forward (scaled on their input); unset: PEFT's default."""
     modules_to_save: list[str] = Field(default_factory=list)
