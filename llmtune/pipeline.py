@@ -9,7 +9,7 @@ from typing import Any
 
 from transformers import set_seed
 
-from llmtune.data import prepare_data
+from llmtune.data import describe_drops, prepare_data
 from llmtune.errors import UserError
 from llmtune.evaluation.classification import classification_metrics
 from llmtune.evaluation.exact_match import exact_match
@@ -129,7 +129,7 @@ def _has_evaluation(recipe: Recipe, data) -> bool:
         return data.eval is not None
     if recipe.eval.exact_match is not None and not data.eval_rows:
         raise UserError("eval.exact_match: no usable held-out rows (see the drop reasons in the data report)",
-                        [f"{reason}: {d['rows']} row(s), first at {', '.join(d['first'])}" for reason, d in data.stats["dropped"].items()])
+                        describe_drops(data.stats["dropped"]))
     return recipe.eval.exact_match is not None
 
 

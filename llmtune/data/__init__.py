@@ -47,7 +47,7 @@ def prepare_data(cfg: DataSection, base_dir: Path, tokenizer, seed: int) -> Prep
     train, _ = tokenize(train_rows, tokenizer, cfg, drops)
     evaluation, eval_rows = tokenize(eval_rows, tokenizer, cfg, drops)
     if not train["input_ids"]:
-        raise UserError("data.sources: no usable training rows", _drop_lines(drops))
+        raise UserError("data.sources: no usable training rows", describe_drops(drops.as_dict()))
     import datasets
 
     lengths = [len(ids) for ids in train["input_ids"]]
@@ -98,8 +98,7 @@ def _tokenize(rows: list, tokenizer, cfg: DataSection, drops: DropReport) -> tup
         except RowError as exc:
             _drop(drops, cfg, str(exc), where)
             continue
-        if len(input_ids) > cfg.max_length:
-            _drop(drops, cfg, f"longer than data.max_length={cfg.max_length} tokens", where)
+        if not _fits(input_ids, cfg, drops, where):
             continue
         out["input_ids"].append(input_ids)
         out["labels"].append(labels)
@@ -124,17 +123,23 @@ def _tokenize_classification(rows: list, tokenizer, cfg: DataSection, drops: Dro
     kept = []
     label_ids = {name: i for i, name in enumerate(label_names)}
     for where, (text, label) in rows:
-        input_ids = tokenizer(text)["input_ids"]
         if label not in label_ids:
             _drop(drops, cfg, "label not seen in the training data", where)
             continue
-        if len(input_ids) > cfg.max_length:
-            _drop(drops, cfg, f"longer than data.max_length={cfg.max_length} tokens", where)
+        input_ids = tokenizer(text)["input_ids"]
+        if not _fits(input_ids, cfg, drops, where):
             continue
         out["input_ids"].append(input_ids)
         out["labels"].append(label_ids[label])
         kept.append((text, label))
     return out, kept
+
+
+def _fits(input_ids: list[int], cfg: DataSection, drops: DropReport, where: str) -> bool:
+    if len(input_ids) > cfg.max_length:
+        _drop(drops, cfg, f"longer than data.max_length={cfg.max_length} tokens", where)
+        return False
+    return True
 
 
 def _drop(drops: DropReport, cfg: DataSection, reason: str, where: str) -> None:
@@ -143,5 +148,6 @@ def _drop(drops: DropReport, cfg: DataSection, reason: str, where: str) -> None:
     drops.add(reason, where)
 
 
-def _drop_lines(drops: DropReport) -> list[str]:
-    return [f"{reason}: {n} row(s), first at {', '.join(drops.examples[reason])}" for reason, n in drops.counts.items()]
+def describe_drops(dropped: dict[str, dict]) -> list[str]:
+    """One line per drop reason, from `stats["dropped"]`."""
+    return [f"{reason}: {d['rows']} row(s), first at {', '.join(d['first'])}" for reason, d in dropped.items()]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from llmtune.models.load import Precision
+from llmtune.models.load import Precision, training_device
 from llmtune.recipe import Recipe
 from llmtune.runs import RunDir
 
@@ -33,7 +33,7 @@ def training_arguments(recipe: Recipe, run: RunDir, precision: Precision) -> dic
         dataloader_num_workers=t.dataloader_num_workers,
         bf16=precision.bf16,
         fp16=precision.fp16,
-        use_cpu=not has_accelerator(),
+        use_cpu=training_device().type == "cpu",
         include_num_input_tokens_seen="non_padding",
         remove_unused_columns=False,
         report_to="none",
@@ -49,8 +49,3 @@ def run_trainer(trainer, resume_from: str | None):
     trainer.remove_callback(PrinterCallback)  # disable_tqdm=True would print every log dict otherwise
     return trainer.train(resume_from_checkpoint=resume_from)
 
-
-def has_accelerator() -> bool:
-    import torch
-
-    return torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())

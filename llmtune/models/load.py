@@ -54,8 +54,11 @@ def for_trainable_weights(precision: Precision, whole_weights_train: bool) -> Pr
 
 def training_device() -> torch.device:
     """This process's accelerator (one per rank under a launcher), or the CPU."""
+    rank = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        return torch.device("cuda", rank)
+    if hasattr(torch, "xpu") and torch.xpu.is_available():
+        return torch.device("xpu", rank)
     return torch.device("cpu")
 
 
