@@ -48,4 +48,3 @@ def run_trainer(trainer, resume_from: str | None):
 
     trainer.remove_callback(PrinterCallback)  # disable_tqdm=True would print every log dict otherwise
     return trainer.train(resume_from_checkpoint=resume_from)
-
