@@ -131,3 +131,16 @@ def test_gradient_accumulation_equals_the_larger_batch(make_recipe, tmp_path):
     for key in a:
         assert torch.allclose(a[key], b[key], atol=1e-5), key
     assert one.read_metrics()[0]["loss"] == pytest.approx(two.read_metrics()[0]["loss"], abs=1e-5)
+
+
+@pytest.mark.parametrize("batching", [{"packing": True}, {"padding_free": True}, {"group_by_length": True}])
+def test_packed_padding_free_and_length_grouped_training(make_recipe, tmp_path, batching):
+    run = train(make_recipe(data=batching), "train.max_steps=2")
+    summary = json.loads((run.path / "summary.json").read_text())
+    assert summary["train"]["steps"] == 2 and summary["train"]["final_loss"] > 0
+    if batching.get("packing"):
+        packing = summary["data"]["packing"]
+        assert packing["examples"] == 32 and packing["rows"] < 32  # 32 short rows fit in far fewer 64-token rows
+    # The tokenizer in final/ carries the chat template training used.
+    assert json.loads((run.path / "final" / "tokenizer_config.json").read_text()).get("chat_template") or \
+        (run.path / "final" / "chat_template.jinja").is_file()
