@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import random
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,7 +44,7 @@ def prepare_data(cfg: DataSection, base_dir: Path, tokenizer, seed: int) -> Prep
 
     cache = TokenizedCache(cfg, fingerprints, tokenizer, seed) if cfg.cache else None
     if cache and (hit := cache.load()):
-        print(f"[llmtune] tokenized data reused from the cache ({cache.path})")
+        print(f"[llmtune] tokenized data reused from the cache ({cache.path})", file=sys.stderr)
         return hit
 
     train_rows, mixture = _mix(raw_train, cfg, seed)
