@@ -29,7 +29,12 @@ class DropReport:
     counts: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     examples: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
 
+    seen: set = field(default_factory=set)
+
     def add(self, reason: str, where: str) -> None:
+        if (reason, where) in self.seen:  # a streamed source can be read more than once; a row counts once
+            return
+        self.seen.add((reason, where))
         self.counts[reason] += 1
         if len(self.examples[reason]) < 5:
             self.examples[reason].append(where)
