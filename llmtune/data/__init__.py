@@ -84,12 +84,12 @@ def _streamed(cfg: DataSection, base_dir: Path, tokenizer, seed: int, drops: Dro
 
     # "streamed": what was read, which includes rows the trainer peeks at and a last partial batch.
     stats: dict[str, Any] = {"streaming": True, "rows_streamed": 0, "tokens_streamed": 0, "dropped": {}}
-    fingerprints.update({s.path or s.hub: read_source(s, base_dir)[1] for s in cfg.sources})
+    fingerprints.update({s.path or s.hub: read_source(s, base_dir, streaming=True)[1] for s in cfg.sources})
 
     def rows():
         for source in cfg.sources:
             used = 0
-            for where, raw in read_source(source, base_dir)[0]:
+            for where, raw in read_source(source, base_dir, streaming=True, fingerprint=False)[0]:
                 if source.max_samples and used >= source.max_samples:
                     break
                 try:
