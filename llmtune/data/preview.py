@@ -46,12 +46,14 @@ def loss_segments(input_ids: list[int], labels: list[int], tokenizer) -> list[di
 
 
 def histogram(lengths: list[int], max_length: int, bins: int = 10) -> list[dict]:
-    """Counts of examples per token-length bin from 0 to max_length."""
-    width = max(1, -(-max_length // bins))
+    """Counts of examples per token-length bin, from 1 to the longest example (at most max_length)."""
+    top = min(max(lengths, default=1), max_length)
+    width = max(1, -(-top // bins))
+    bins = -(-top // width)
     counts = [0] * bins
     for n in lengths:
         counts[min(bins - 1, (n - 1) // width if n else 0)] += 1
-    return [{"from": i * width + 1, "to": min((i + 1) * width, max_length), "rows": c} for i, c in enumerate(counts)]
+    return [{"from": i * width + 1, "to": min((i + 1) * width, top), "rows": c} for i, c in enumerate(counts)]
 
 
 def _lengths(data: PreparedData) -> list[int]:
