@@ -151,6 +151,18 @@ def test_shipped_suites_name_known_tasks_and_existing_files():
     assert Path(data).is_absolute() and Path(data).is_file()  # resolved from the task file's folder, not the cwd
 
 
+def test_shipped_multiple_choice_data_is_what_its_generator_writes():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("make_quickstart_mc", ROOT / "eval" / "tasks" / "make_quickstart_mc.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    rows = [json.loads(line) for line in module.build().splitlines()]
+    assert module.TARGET.read_text() == module.build()
+    for row in rows:  # one right answer among four distinct choices
+        assert len(set(row["choices"])) == 4 and 0 <= row["label"] < 4
+
+
 def test_evaluation_leaves_the_callers_random_state_alone(tiny_model, mc_task_dir):
     from llmtune.evaluation.harness import evaluate_suites
     from llmtune.evaluation.suites import suite_from_tasks
