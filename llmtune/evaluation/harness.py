@@ -30,7 +30,7 @@ CPU_BATCH_SIZE = 8
 
 def evaluate_suites(model, tokenizer, suites: list[tuple[Suite, Path]], *, limit: int | None = None,
                     include_paths: list[Path] = (), batch_size: int | str = "auto",
-                    output_dir: Path | None = None, tag: str = "") -> dict[str, dict]:
+                    output_dir: Path | None = None, tag: str = "", task_manager=None) -> dict[str, dict]:
     """Run every task of every suite through lm_eval; returns {task: {n, num_fewshot, metrics: {metric: {value, stderr, higher_is_better}}}}.
 
     `limit` caps every task's own limit. Raw lm_eval results and per-row samples go to `output_dir` when given.
@@ -38,7 +38,7 @@ def evaluate_suites(model, tokenizer, suites: list[tuple[Suite, Path]], *, limit
     import lm_eval
     from lm_eval.models.huggingface import HFLM
 
-    task_manager = _task_manager(include_paths)
+    task_manager = task_manager or check_tasks(suites, include_paths)
     was_training = model.training
     model.eval()
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=resolve_batch_size(batch_size, model), max_batch_size=64)
@@ -57,6 +57,16 @@ def evaluate_suites(model, tokenizer, suites: list[tuple[Suite, Path]], *, limit
     finally:
         model.train(was_training)
     return results
+
+
+def check_tasks(suites: list[tuple[Suite, Path]], include_paths: list[Path] = ()):
+    """Every task known, its local files found, its hub data reachable (or cached): checked before any
+    model loads. Returns the lm_eval TaskManager to evaluate with."""
+    task_manager = _task_manager(include_paths)
+    for suite, base_dir in suites:
+        specs = [_task_spec(task_manager, t, base_dir) for t in suite.tasks]
+        _check_hub_reachable(task_manager, specs, suite.tasks)
+    return task_manager
 
 
 def resolve_batch_size(batch_size: int | str, model) -> int | str:
@@ -137,17 +147,64 @@ def _simple_evaluate(lm_eval, lm, specs, tasks: list[SuiteTask], task_manager, n
     except Exception as exc:
         if _is_hub_unreachable(exc):
             names = ", ".join(t.task for t in tasks)
-            raise UserError(
-                f"task {names}: its data set comes from the Hugging Face hub, which cannot be reached from here "
-                f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})\n"
-                "  Run where the hub is reachable (or with the data set in the local HF cache), or point the task "
-                "at local files: `data_files: {test: FILE.jsonl}` in a suite, or a task YAML with `dataset_path: json` "
-                "given through --include-path (see eval/README.md)."
-            ) from None
+            raise UserError(_hub_message(names, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")) from None
         raise
     if raw is None:
         raise RuntimeError("lm_eval returned no results (a non-zero rank of a distributed run?)")
     return raw
+
+
+LOCAL_BUILDERS = ("json", "csv", "parquet", "text", "arrow")
+
+
+def _check_hub_reachable(task_manager, specs: list, tasks: list[SuiteTask]) -> None:
+    """Fail in seconds, not after minutes of download retries, when a task's data must come from an
+    unreachable hub and is not in the local HF cache."""
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    needs = []
+    for spec, task in zip(specs, tasks):
+        if isinstance(spec, dict):
+            path = spec.get("dataset_path")
+        else:
+            entry = task_manager.task_index[task.task]
+            path = load_yaml(entry.yaml_path, resolve_func=False).get("dataset_path") if entry.yaml_path and entry.kind.name == "TASK" else None
+            path = path or task.task  # a group or tag: its tasks' data sets are not known here, so probe anyway
+        if path not in LOCAL_BUILDERS and not _in_hf_cache(path):
+            needs.append(task.task)
+    if needs and not _hub_reachable():
+        raise UserError(_hub_message(", ".join(needs), "no connection to the hub, and the data set is not in the local HF cache"))
+
+
+def _in_hf_cache(dataset_path: str) -> bool:
+    import os
+
+    home = Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface"))
+    datasets_cache = Path(os.environ.get("HF_DATASETS_CACHE", home / "datasets"))
+    hub_cache = Path(os.environ.get("HF_HUB_CACHE", home / "hub"))
+    return (datasets_cache / dataset_path.replace("/", "___")).is_dir() or (hub_cache / f"datasets--{dataset_path.replace('/', '--')}").is_dir()
+
+
+def _hub_reachable(timeout_s: float = 3.0) -> bool:
+    import os
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "") or os.environ.get("HF_DATASETS_OFFLINE", "0") not in ("0", ""):
+        return False
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=timeout_s).close()
+        return True
+    except OSError:
+        return False
+
+
+def _hub_message(names: str, why: str) -> str:
+    return (f"task {names}: its data set comes from the Hugging Face hub, which cannot be reached from here ({why})\n"
+            "  Run where the hub is reachable (or with the data set in the local HF cache), or point the task "
+            "at local files: `data_files: {test: FILE.jsonl}` in a suite, or a task YAML with `dataset_path: json` "
+            "given through --include-path (see eval/README.md).")
 
 
 def _is_hub_unreachable(exc: BaseException) -> bool:

@@ -14,7 +14,7 @@ from datetime import datetime
 from pathlib import Path
 
 from llmtune.errors import UserError
-from llmtune.evaluation.harness import evaluate_suites
+from llmtune.evaluation.harness import check_tasks, evaluate_suites
 from llmtune.evaluation.reports import markdown_table, plot_tasks, print_tasks
 from llmtune.evaluation.suites import Suite, load_suite, suite_from_tasks
 
@@ -64,9 +64,10 @@ def run_eval(model_name: str, suite_names: list[str], tasks: list[str], limit: i
         raise UserError("llmtune eval: name what to evaluate: --suite NAME|FILE and/or --tasks a,b (`llmtune ls` lists the suites)")
     out = Path(output) if output else Path("runs") / f"eval-{Path(model_name).name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
     t0 = time.perf_counter()
+    task_manager = check_tasks(suites, [Path(p) for p in include_paths])  # input mistakes surface before the model loads
     model, tokenizer, precision = load_for_eval(model_name, dtype)
-    results = evaluate_suites(model, tokenizer, suites, limit=limit, include_paths=[Path(p) for p in include_paths],
-                              batch_size=batch_size, output_dir=out)
+    results = evaluate_suites(model, tokenizer, suites, limit=limit, batch_size=batch_size, output_dir=out,
+                              task_manager=task_manager)
     tasks_block = {"after": results}
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.md").write_text(markdown_table(tasks_block))
