@@ -92,9 +92,9 @@ def run_recipe(recipe: Recipe, recipe_dir: Path, resume: bool = False) -> RunRes
                                for k in evaluation["after"] if k != "n"}
     if task_eval.wants_task_evaluation(recipe):
         tasks["after"] = task_eval.evaluate_stage(recipe, recipe_dir, run, trainer.model, tokenizer, data, "after")
-        for when in ("before", "after"):  # held-out exact match / accuracy join the task table, for gates and reports
-            if when in tasks and when in evaluation:
-                task_eval.add_heldout(tasks[when], evaluation[when], evaluation[when]["n"])
+    for when in ("before", "after"):  # held-out exact match / accuracy join the task table, for gates and reports
+        if when in evaluation:
+            task_eval.add_heldout(tasks.setdefault(when, {}), evaluation[when], evaluation[when]["n"])
     gates = task_eval.finish(recipe, run, tasks)
 
     # Export

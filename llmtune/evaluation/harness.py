@@ -170,7 +170,7 @@ def _check_hub_reachable(task_manager, specs: list, tasks: list[SuiteTask]) -> N
             entry = task_manager.task_index[task.task]
             path = load_yaml(entry.yaml_path, resolve_func=False).get("dataset_path") if entry.yaml_path and entry.kind.name == "TASK" else None
             path = path or task.task  # a group or tag: its tasks' data sets are not known here, so probe anyway
-        if path not in LOCAL_BUILDERS and not _in_hf_cache(path):
+        if path not in LOCAL_BUILDERS and not Path(path).expanduser().exists() and not _in_hf_cache(path):
             needs.append(task.task)
     if needs and not _hub_reachable():
         raise UserError(_hub_message(", ".join(needs), "no connection to the hub, and the data set is not in the local HF cache"))
