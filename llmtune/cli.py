@@ -68,6 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue train.output_dir (default: the newest run of this recipe) from its newest complete checkpoint")
     p.set_defaults(func=cmd_train)
 
+    p = verbs.add_parser("ls", help="list shipped recipes and built-in models",
+                         description="List shipped recipes and built-in models.")
+    p.set_defaults(func=cmd_ls)
+
     p = verbs.add_parser("eval", help="run lm-evaluation-harness suites on any model, or compare two results",
                          description="Evaluate a model (built-in name, local folder, hub id or llmtune run directory) on "
                                      "eval suites through lm-evaluation-harness; or compare two results with --compare.")
@@ -83,9 +87,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compare", nargs=2, metavar=("RUN_A", "RUN_B"), help="print the differences between two results (run or eval folders); evaluates nothing")
     p.set_defaults(func=cmd_eval)
 
-    p = verbs.add_parser("ls", help="list shipped recipes and built-in models",
-                         description="List shipped recipes and built-in models.")
-    p.set_defaults(func=cmd_ls)
     for sub in verbs.choices.values():  # --debug works before or after the verb
         sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks for input errors too")
     return parser
@@ -115,6 +116,26 @@ def cmd_train(args) -> None:
     print(run_recipe(recipe, recipe_dir, resume=args.resume).run.path)
 
 
+def cmd_ls(args) -> None:
+    from llmtune.models.builtin import BUILTIN_MODELS
+
+    print("built-in models:")
+    for name, spec in BUILTIN_MODELS.items():
+        print(f"  {name:28s} {spec.description}")
+    from llmtune.evaluation.suites import list_suites
+
+    suites = list_suites()
+    if suites:
+        print("eval suites:")
+        for path in suites:
+            print(f"  {path.stem:28s} {path.relative_to(PROJECT_ROOT)}")
+    recipes = sorted((PROJECT_ROOT / "recipes").glob("**/*.yaml"))
+    if recipes:
+        print("recipes:")
+        for path in recipes:
+            print(f"  {path.relative_to(PROJECT_ROOT)}")
+
+
 def cmd_eval(args) -> None:
     if args.compare:
         from llmtune.evaluation.reports import compare, print_comparison
@@ -141,26 +162,6 @@ def cmd_eval(args) -> None:
         raise UserError(f"--batch-size: {batch_size!r} is neither a number nor auto")
     summary = run_eval(model, suites, tasks, limit, include_paths, args.output, batch_size, dtype)
     print(summary["output_dir"])
-
-
-def cmd_ls(args) -> None:
-    from llmtune.models.builtin import BUILTIN_MODELS
-
-    print("built-in models:")
-    for name, spec in BUILTIN_MODELS.items():
-        print(f"  {name:28s} {spec.description}")
-    from llmtune.evaluation.suites import list_suites
-
-    suites = list_suites()
-    if suites:
-        print("eval suites:")
-        for path in suites:
-            print(f"  {path.stem:28s} {path.relative_to(PROJECT_ROOT)}")
-    recipes = sorted((PROJECT_ROOT / "recipes").glob("**/*.yaml"))
-    if recipes:
-        print("recipes:")
-        for path in recipes:
-            print(f"  {path.relative_to(PROJECT_ROOT)}")
 
 
 if __name__ == "__main__":

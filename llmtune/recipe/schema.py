@@ -220,6 +220,19 @@ class GateSection(Section):
         return self
 
 
+def eval_problems(recipe: Recipe) -> list[str]:
+    """Cross-checks between the eval section and the rest of the recipe."""
+    e, problems = recipe.eval, []
+    if (e.perplexity or e.every_n_steps) and not recipe.data.eval_sources and recipe.data.eval_fraction == 0:
+        problems.append("eval.perplexity: needs held-out rows; set data.eval_sources or data.eval_fraction > 0")
+    if recipe.method.kind == "classification" and (e.perplexity or e.every_n_steps or e.sample_prompts or e.suites or e.tasks):
+        problems.append("eval: perplexity, every_n_steps, sample_prompts, suites and tasks score language models; "
+                        "a classifier reports accuracy and macro-F1 by itself; remove them")
+    if any(g.max_regression is not None for g in e.gates) and not e.before_after:
+        problems.append("eval.gates: max_regression compares with the base model; set eval.before_after: true")
+    return problems
+
+
 class EvalSection(Section):
     exact_match: ExactMatchSection | None = None
     """Greedy-generate each held-out prompt and score exact match with its reference answer."""
@@ -281,7 +294,7 @@ class Recipe(Section):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Recipe:
-        problems = []
+        problems = eval_problems(self)
         if self.eval.exact_match and not self.data.eval_sources and self.data.eval_fraction == 0:
             problems.append("eval.exact_match: needs held-out rows; set data.eval_sources or data.eval_fraction > 0")
         if self.launch.num_processes and not self.launch.accelerate_config:
@@ -304,13 +317,6 @@ class Recipe(Section):
                 if (source.format == "classification") != classification:
                     problems.append(f"{where}[{i}].format: method.kind {self.method.kind} "
                                     f"{'needs' if classification else 'cannot use'} format classification")
-        if (self.eval.perplexity or self.eval.every_n_steps) and not self.data.eval_sources and self.data.eval_fraction == 0:
-            problems.append("eval.perplexity: needs held-out rows; set data.eval_sources or data.eval_fraction > 0")
-        if classification and (self.eval.perplexity or self.eval.every_n_steps or self.eval.sample_prompts or self.eval.suites or self.eval.tasks):
-            problems.append("eval: perplexity, every_n_steps, sample_prompts, suites and tasks score language models; "
-                            "a classifier reports accuracy and macro-F1 by itself; remove them")
-        if any(g.max_regression is not None for g in self.eval.gates) and not self.eval.before_after:
-            problems.append("eval.gates: max_regression compares with the base model; set eval.before_after: true")
         if classification and self.eval.exact_match:
             problems.append("eval.exact_match: scores generated text; classification reports accuracy and macro-F1 by itself; remove it")
         if problems:
