@@ -1,6 +1,7 @@
 """`llmtune <verb>`: parse arguments, call the library, map errors to exit codes.
 
-Exit codes: 0 success, 2 the user's input is wrong (message, no traceback unless --debug), 1 anything else.
+Exit codes: 0 success, 2 the user's input is wrong (message, no traceback unless --debug), 3 the run
+finished but missed an evaluation gate (eval.gates), 1 anything else.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import sys
 import traceback
 from pathlib import Path
 
-from llmtune.errors import UserError
+from llmtune.errors import GateFailed, UserError
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -28,6 +29,9 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except GateFailed as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 3
     except KeyboardInterrupt:
         print("interrupted; resume with --resume", file=sys.stderr)
         return 130
@@ -79,6 +83,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = verbs.add_parser("ls", help="list shipped recipes and built-in models",
                          description="List shipped recipes and built-in models.")
     p.set_defaults(func=cmd_ls)
+
+    p = verbs.add_parser("eval", help="run lm-evaluation-harness suites on any model, or compare two results",
+                         description="Evaluate a model (built-in name, local folder, hub id or llmtune run directory) on "
+                                     "eval suites through lm-evaluation-harness; or compare two results with --compare.")
+    p.add_argument("recipe", nargs="?", help="recipe YAML: its model.name and eval section (suites, tasks, limit, include_paths)")
+    p.add_argument("--model", help="model to evaluate: built-in name, local folder (model or PEFT adapter), hub id, or run directory")
+    p.add_argument("--suite", action="append", default=[], metavar="NAME|FILE", help="suite name under eval/suites/ or a suite YAML file (repeatable)")
+    p.add_argument("--tasks", help="comma-separated lm_eval task names, every metric reported")
+    p.add_argument("--limit", type=int, help="score at most N rows of each task")
+    p.add_argument("--include-path", action="append", default=[], metavar="DIR", help="folder of task YAML files in lm_eval's format (repeatable)")
+    p.add_argument("--output", metavar="DIR", help="folder for the results (default runs/eval-<model>-<timestamp>)")
+    p.add_argument("--batch-size", default="auto", help="lm_eval batch size (default auto: lm_eval's search on GPUs, 8 on CPUs)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"], help="weight precision (default auto: bf16 on capable GPUs, fp32 elsewhere)")
+    p.add_argument("--compare", nargs=2, metavar=("RUN_A", "RUN_B"), help="print the differences between two results (run or eval folders); evaluates nothing")
+    p.set_defaults(func=cmd_eval)
+
     for sub in verbs.choices.values():  # --debug works before or after the verb
         sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks for input errors too")
     return parser
@@ -127,11 +147,46 @@ def cmd_ls(args) -> None:
     print("built-in models:")
     for name, spec in BUILTIN_MODELS.items():
         print(f"  {name:28s} {spec.description}")
+    from llmtune.evaluation.suites import list_suites
+
+    suites = list_suites()
+    if suites:
+        print("eval suites:")
+        for path in suites:
+            print(f"  {path.stem:28s} {path.relative_to(PROJECT_ROOT)}")
     recipes = sorted((PROJECT_ROOT / "recipes").glob("**/*.yaml"))
     if recipes:
         print("recipes:")
         for path in recipes:
             print(f"  {path.relative_to(PROJECT_ROOT)}")
+
+
+def cmd_eval(args) -> None:
+    if args.compare:
+        from llmtune.evaluation.reports import compare, print_comparison
+
+        print_comparison(*args.compare, compare(*args.compare))
+        return
+    from llmtune.evaluation.standalone import run_eval
+
+    model, suites, tasks = args.model, args.suite, args.tasks.split(",") if args.tasks else []
+    limit, include_paths, batch_size, dtype = args.limit, args.include_path, args.batch_size, args.dtype
+    if args.recipe:  # the recipe fills in what the command line leaves out
+        from llmtune.recipe import load_recipe
+
+        recipe, recipe_dir = load_recipe(args.recipe, [])
+        model = model or recipe.model.name
+        suites = suites or [str(recipe_dir / s) if (recipe_dir / s).is_file() else s for s in recipe.eval.suites]
+        tasks = tasks or list(recipe.eval.tasks)
+        limit = limit or recipe.eval.limit
+        include_paths = include_paths or [str(recipe_dir / p) for p in recipe.eval.include_paths]
+        dtype = recipe.model.dtype if dtype == "auto" else dtype
+    if not model:
+        raise UserError("llmtune eval: give --model PATH_OR_ID (or a recipe), or --compare RUN_A RUN_B")
+    if batch_size != "auto" and not str(batch_size).isdigit():
+        raise UserError(f"--batch-size: {batch_size!r} is neither a number nor auto")
+    summary = run_eval(model, suites, tasks, limit, include_paths, args.output, batch_size, dtype)
+    print(summary["output_dir"])
 
 
 if __name__ == "__main__":

@@ -18,3 +18,13 @@ class UserError(Exception):
         if not self.problems:
             return head
         return head + "\n" + "\n".join(f"  {p}" for p in self.problems)
+
+
+class GateFailed(Exception):
+    """The run finished, but the trained model missed a gate of eval.gates; exit code 3.
+
+    summary.json is already written (`status: failed`, `gates.failures`)."""
+
+    def __init__(self, failures: list[str]):
+        super().__init__("evaluation gate failed:\n" + "\n".join(f"  {f}" for f in failures))
+        self.failures = failures

@@ -10,9 +10,11 @@ from typing import Any
 from transformers import set_seed
 
 from llmtune.data import describe_drops, prepare_data
-from llmtune.errors import UserError
+from llmtune.errors import GateFailed, UserError
 from llmtune.evaluation.classification import classification_metrics
+from llmtune.evaluation import stage as task_eval
 from llmtune.evaluation.exact_match import exact_match
+from llmtune.evaluation.reports import print_tasks
 from llmtune.export.merge import export_merged
 from llmtune.methods.classification import train_classification
 from llmtune.methods.sft import train_sft
@@ -63,6 +65,9 @@ def run_recipe(recipe: Recipe, recipe_dir: Path, resume: bool = False) -> RunRes
     evaluation = {}
     if recipe.eval.before_after and is_main_process() and _has_evaluation(recipe, data):
         evaluation["before"] = run.read_json("eval/before.json") or _evaluate(recipe, run, model, tokenizer, data, "before")
+    tasks = {}
+    if recipe.eval.before_after and is_main_process() and task_eval.wants_task_evaluation(recipe):
+        tasks["before"] = run.read_json("eval/tasks-before.json") or task_eval.evaluate_stage(recipe, recipe_dir, run, model, tokenizer, data, "before")
 
     # Train
     model = apply_adapter(model, recipe.adapter, task="SEQ_CLS" if recipe.method.kind == "classification" else "CAUSAL_LM",
@@ -85,6 +90,12 @@ def run_recipe(recipe: Recipe, recipe_dir: Path, resume: bool = False) -> RunRes
     if "before" in evaluation:
         evaluation["delta"] = {k: round(evaluation["after"][k] - evaluation["before"][k], 4)
                                for k in evaluation["after"] if k != "n"}
+    if task_eval.wants_task_evaluation(recipe):
+        tasks["after"] = task_eval.evaluate_stage(recipe, recipe_dir, run, trainer.model, tokenizer, data, "after")
+    for when in ("before", "after"):  # held-out exact match / accuracy join the task table, for gates and reports
+        if when in evaluation:
+            task_eval.add_heldout(tasks.setdefault(when, {}), evaluation[when], evaluation[when]["n"])
+    gates = task_eval.finish(recipe, run, tasks)
 
     # Export
     exports = {}
@@ -118,9 +129,21 @@ def run_recipe(recipe: Recipe, recipe_dir: Path, resume: bool = False) -> RunRes
         "export": exports,
         "plots": [str(p) for p in [run.plot_loss(), run.plot_eval(evaluation)] if p],
     }
+    if tasks:
+        summary["eval"]["tasks"] = tasks
+        if (run.plots / "eval_tasks.png").is_file():
+            summary["plots"].append(str(run.plots / "eval_tasks.png"))
+    if gates is not None:
+        summary["gates"] = gates
+        if not gates["passed"]:
+            summary["status"] = "failed"
     run.update_manifest(ended_at=now())
     run.write_summary(summary)
     print_summary(summary)
+    if tasks:
+        print_tasks(tasks, gates)
+    if gates is not None and not gates["passed"]:
+        raise GateFailed(gates["failures"])
     return RunResult(run, summary, trainer.model, tokenizer)
 
 

@@ -29,6 +29,21 @@ def test_quickstart_learns_the_task(tmp_path):
     assert summary["eval"]["before"]["exact_match"] < 0.2
     assert summary["eval"]["after"]["exact_match"] > 0.6
     assert (out / "final" / "adapter_model.safetensors").is_file()
+    tasks = summary["eval"]["tasks"]  # the same figures in the task layout, with perplexity, for reports and gates
+    assert tasks["after"]["heldout"]["metrics"]["exact_match"]["value"] == summary["eval"]["after"]["exact_match"]
+    assert tasks["after"]["heldout"]["metrics"]["perplexity"]["value"] < tasks["before"]["heldout"]["metrics"]["perplexity"]["value"]
+    assert summary["gates"]["passed"] and summary["status"] == "completed"
+    assert "| heldout | exact_match |" in (out / "eval" / "results.md").read_text()
+    assert (out / "plots" / "eval_tasks.png").is_file() and (out / "eval" / "samples-after.jsonl").is_file()
+
+    # The trained adapter through lm-evaluation-harness's generation task on the same rows: greedy
+    # decoding of the same prompts, so it agrees with llmtune's own exact match up to batch-padding noise.
+    harness = tmp_path / "harness"
+    proc = llmtune("eval", "--model", out, "--suite", "quickstart", "--output", harness)
+    assert proc.wait(timeout=900) == 0
+    lm = json.loads((harness / "summary.json").read_text())["eval"]["tasks"]["after"]["quickstart_orders"]
+    assert lm["n"] == summary["eval"]["after"]["n"]
+    assert abs(lm["metrics"]["exact_match"]["value"] - summary["eval"]["after"]["exact_match"]) <= 0.1
 
 
 def test_sigkill_then_resume_matches_an_uninterrupted_run(make_recipe, tmp_path):

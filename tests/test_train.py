@@ -29,7 +29,10 @@ def test_lora_run_writes_the_run_directory_contract(make_recipe):
     summary = json.loads((run.path / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["train"]["steps"] == 6
     assert summary["train"]["final_loss"] == rows[-1]["loss"]
-    assert set(summary["eval"]) == {"before", "after", "delta"} and summary["eval"]["after"]["n"] == 6
+    assert set(summary["eval"]) == {"before", "after", "delta", "tasks"} and summary["eval"]["after"]["n"] == 6
+    held_out = summary["eval"]["tasks"]["after"]["heldout"]  # the same figure in the task table (reports, gates)
+    assert held_out["metrics"]["exact_match"]["value"] == summary["eval"]["after"]["exact_match"] and held_out["n"] == 6
+    assert (run.path / "eval" / "results.md").is_file()
     assert (run.path / "plots" / "loss.png").stat().st_size > 1000
     assert sorted(p.name for p in (run.path / "checkpoints").iterdir()) == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]
     assert summary["export"]["merged"]["max_abs_logit_diff"] < 1e-4

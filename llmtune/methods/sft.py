@@ -6,6 +6,7 @@ preparation is skipped and the mask is exactly the one llmtune's data step built
 
 from __future__ import annotations
 
+from llmtune.evaluation.stage import periodic_callbacks
 from llmtune.methods import run_trainer, training_arguments
 from llmtune.models.load import Precision
 from llmtune.recipe import Recipe
@@ -29,7 +30,8 @@ def train_sft(recipe: Recipe, run: RunDir, model, tokenizer, data, precision: Pr
         dataset_kwargs={"skip_prepare_dataset": True},
     )
     trainer = _sft_trainer_class()(model=model, args=args, train_dataset=data.train, processing_class=tokenizer,
-                                   callbacks=[RunCallback(run, recipe.train.save_total_limit)])
+                                   callbacks=[RunCallback(run, recipe.train.save_total_limit),
+                                              *periodic_callbacks(recipe, run, tokenizer, data)])
     return trainer, run_trainer(trainer, resume_from)
 
 

@@ -256,11 +256,61 @@ class ExactMatchSection(Section):
     """Prompts generated together (larger is faster until memory runs out)."""
 
 
+class GateSection(Section):
+    task: str
+    """lm_eval task name, or `heldout` for the held-out metrics (exact_match, perplexity)."""
+    metric: str
+    """Metric name as reported (e.g. acc, acc_norm, exact_match, perplexity)."""
+    min: float | None = None
+    """Fail the run when the trained model's value is below this."""
+    max: float | None = None
+    """Fail the run when the trained model's value is above this (for lower-is-better metrics such as perplexity)."""
+    max_regression: float | None = Field(default=None, ge=0)
+    """Fail the run when the value is worse than the base model's by more than this (needs eval.before_after)."""
+
+    @model_validator(mode="after")
+    def _some_condition(self) -> GateSection:
+        if self.min is None and self.max is None and self.max_regression is None:
+            raise ValueError("a gate needs min, max or max_regression")
+        return self
+
+
+def eval_problems(recipe: Recipe) -> list[str]:
+    """Cross-checks between the eval section and the rest of the recipe."""
+    e, problems = recipe.eval, []
+    if (e.perplexity or e.every_n_steps) and not recipe.data.eval_sources and recipe.data.eval_fraction == 0:
+        problems.append("eval.perplexity: needs held-out rows; set data.eval_sources or data.eval_fraction > 0")
+    if recipe.method.kind == "classification" and (e.perplexity or e.every_n_steps or e.sample_prompts or e.suites or e.tasks):
+        problems.append("eval: perplexity, every_n_steps, sample_prompts, suites and tasks score language models; "
+                        "a classifier reports accuracy and macro-F1 by itself; remove them")
+    if any(g.max_regression is not None for g in e.gates) and not e.before_after:
+        problems.append("eval.gates: max_regression compares with the base model; set eval.before_after: true")
+    return problems
+
+
 class EvalSection(Section):
     exact_match: ExactMatchSection | None = None
     """Greedy-generate each held-out prompt and score exact match with its reference answer."""
     before_after: bool = False
     """Also evaluate the base model before training, and report both with their difference."""
+    suites: list[str] = Field(default_factory=list)
+    """lm-evaluation-harness suites: names under eval/suites/ (`llmtune ls`) or suite YAML files (relative to the recipe)."""
+    tasks: list[str] = Field(default_factory=list)
+    """Further lm_eval task names, every metric reported."""
+    limit: int | None = Field(default=None, gt=0)
+    """Score at most this many rows of each suite task."""
+    include_paths: list[str] = Field(default_factory=list)
+    """Folders of task YAML files in lm_eval's format (relative to the recipe), beside eval/tasks/."""
+    batch_size: int | Literal["auto"] = "auto"
+    """lm_eval batch size; `auto`: lm_eval's largest-that-fits search on GPUs, 8 on CPUs."""
+    perplexity: bool = False
+    """Perplexity of the held-out answers (the tokens that carry loss), reported as task `heldout`."""
+    every_n_steps: int | None = Field(default=None, gt=0)
+    """Log held-out perplexity to metrics.jsonl every this many training steps (single-process runs)."""
+    sample_prompts: list[str] = Field(default_factory=list)
+    """Prompts answered greedily before and after training, written to eval/samples-{before,after}.jsonl."""
+    gates: list[GateSection] = Field(default_factory=list)
+    """Conditions the trained model must meet; a failed gate marks the run failed (exit code 3)."""
 
 
 class ExportSection(Section):
@@ -299,7 +349,7 @@ class Recipe(Section):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Recipe:
-        problems = []
+        problems = eval_problems(self)
         if self.eval.exact_match and not self.data.eval_sources and self.data.eval_fraction == 0:
             problems.append("eval.exact_match: needs held-out rows; set data.eval_sources or data.eval_fraction > 0")
         if self.launch.num_processes and not self.launch.accelerate_config:
