@@ -13,7 +13,7 @@ from llmtune.data import describe_drops, prepare_data
 from llmtune.errors import UserError
 from llmtune.evaluation.classification import classification_metrics
 from llmtune.evaluation.exact_match import exact_match
-from llmtune.export.merge import export_merged
+from llmtune.export.formats import export_model
 from llmtune.methods.classification import train_classification
 from llmtune.methods.sft import train_sft
 from llmtune.models.adapter import apply_adapter, count_parameters
@@ -86,11 +86,7 @@ def run_recipe(recipe: Recipe, recipe_dir: Path, resume: bool = False) -> RunRes
         evaluation["delta"] = {k: round(evaluation["after"][k] - evaluation["before"][k], 4)
                                for k in evaluation["after"] if k != "n"}
 
-    # Export
-    exports = {}
-    if recipe.export.merged:
-        exports["merged"] = export_merged(final, run.path / "export" / "merged", recipe, data.eval_rows or None)
-
+    exports = {}  # filled in after summary.json exists: each export's model card reads the run's evaluation there
     metrics = run.read_metrics()
     losses = [r for r in metrics if "loss" in r]
     speeds = [r["tokens_per_s"] for r in metrics if r.get("tokens_per_s")]
@@ -120,6 +116,10 @@ def run_recipe(recipe: Recipe, recipe_dir: Path, resume: bool = False) -> RunRes
     }
     run.update_manifest(ended_at=now())
     run.write_summary(summary)
+
+    # Export: each format is written, reloaded and measured, and recorded in summary.json
+    for fmt in dict.fromkeys((["merged"] if recipe.export.merged else []) + list(recipe.export.formats)):
+        exports[fmt] = export_model(run.path, fmt, heldout_rows=data.eval_rows or None)
     print_summary(summary)
     return RunResult(run, summary, trainer.model, tokenizer)
 

@@ -134,7 +134,7 @@ def _tensor_type(gguf_name: str, data: np.ndarray, weight_type, head_type):
 
     if data.ndim < 2:
         return gguf.GGMLQuantizationType.F32
-    qtype = head_type if gguf_name.startswith(("token_embd", "output.")) else weight_type
+    qtype = head_type if gguf_name.split(".")[0] in ("token_embd", "output") else weight_type
     block = gguf.GGML_QUANT_SIZES[qtype][0]
     if data.shape[-1] % block:
         return gguf.GGMLQuantizationType.F16  # rows that do not fill whole blocks (llama.cpp falls back too)
