@@ -155,9 +155,11 @@ def _add_hyperparameters(writer, config, name: str, file_type) -> None:
     import gguf
 
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    # transformers recognises a Mistral in a "llama" GGUF by the model name (llama.cpp writes no
-    # separate architecture for it).
-    writer.add_name("mistral" if config.model_type == "mistral" else name)
+    # A Mistral is written as a Llama, as llama.cpp does, and loads back as LlamaForCausalLM (the same
+    # computation; the sliding window is dropped, as llama.cpp drops it). transformers would read the
+    # name "mistral" as a MistralForCausalLM, but then fails to map its tensors (no "mistral" in gguf-py's
+    # architecture names), so the name is never exactly "mistral".
+    writer.add_name(name if name.lower() != "mistral" else f"{name}-model")
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
     writer.add_block_count(config.num_hidden_layers)
@@ -196,7 +198,7 @@ def _add_tokenizer(writer, config, tokenizer_dir: Path) -> None:
             tokens.append(by_id[i])
             types.append(gguf.TokenType.NORMAL)
     writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(_pre_tokenizer_name(_tokenizer_json(tokenizer_dir)))
+    writer.add_tokenizer_pre(_pre_tokenizer_name(json.loads(tokenizer.backend_tokenizer.to_str())))
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     # gguf's SpecialVocab reads merges, special token ids, add_bos/eos and the chat template the way
@@ -227,7 +229,10 @@ def _pre_tokenizer_name(tokenizer_json: dict) -> str:
 
 
 def _tokenizer_json(tokenizer_dir: Path) -> dict:
-    path = Path(tokenizer_dir) / "tokenizer.json"
-    if not path.is_file():
+    """The tokenizer as transformers builds it for this model (which may differ from tokenizer.json:
+    transformers 5 gives e.g. a Qwen2 model its Qwen2 pre-tokenizer whatever the file says)."""
+    from transformers import AutoTokenizer
+
+    if not (Path(tokenizer_dir) / "tokenizer.json").is_file():
         raise UserError(f"--format gguf: {tokenizer_dir} has no tokenizer.json (a fast tokenizer is needed to write GGUF)")
-    return json.loads(path.read_text())
+    return json.loads(AutoTokenizer.from_pretrained(tokenizer_dir).backend_tokenizer.to_str())
