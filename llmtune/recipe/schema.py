@@ -215,10 +215,7 @@ class ExportSection(Section):
     merged: bool = False
     """Write `export/merged/`: adapters merged into a full-precision copy of the base, verified (same as `formats: [merged]`)."""
     formats: list[ExportFormat] = Field(default_factory=list)
-    """Artifacts written to `export/<format>/` after training, each reloaded and measured against the trained
-    model (perplexity change, top-1 agreement; summary.json, report.md, model card): `merged` (fp32 safetensors),
-    `bnb-8bit`, `bnb-4bit` (bitsandbytes, reloadable by plain `from_pretrained`), `gguf-f16`, `gguf-q8_0`,
-    `gguf-q4_0` (Llama, Mistral and Qwen2 with byte-level BPE tokenizers). `llmtune export` does the same for a finished run."""
+    """Artifacts written to `export/<format>/` after training, each reloaded and measured against the trained model (perplexity change, top-1 agreement, model card): `merged`, `bnb-8bit`, `bnb-4bit`, `gguf-f16`, `gguf-q8_0`, `gguf-q4_0` (see Export)."""
 
 
 class LaunchSection(Section):
