@@ -183,3 +183,14 @@ def test_unsupported_gguf_architecture_is_refused_before_any_work(tiny_tokenizer
     with pytest.raises(UserError, match="model type 'gpt2' is not supported"):
         export_model(tmp_path / "gpt2", "gguf-q8_0", tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_zero3_final_without_gathered_weights_is_refused_with_the_fix(tmp_path):
+    from safetensors.torch import save_file
+
+    run = tmp_path / "run"
+    (run / "final").mkdir(parents=True)
+    (run / "recipe.resolved.yaml").write_text("data: {sources: [{path: a.jsonl}]}\n")
+    save_file({"model.embed_tokens.weight": torch.empty(0)}, run / "final" / "model.safetensors")
+    with pytest.raises(UserError, match="stage3_gather_16bit_weights_on_model_save: true"):
+        export_model(run, "merged")

@@ -89,6 +89,7 @@ def _run_source(run_dir: Path) -> ExportSource:
     if recipe.get("method", {}).get("kind", "sft") != "sft":
         raise UserError(f"export: the run trained method {recipe['method']['kind']}; export covers causal language "
                         "models (sft); its final/ already loads with plain transformers/peft")
+    _check_gathered(final)
     manifest = _read_json(run_dir / "manifest.json")
     summary = _read_json(run_dir / "summary.json")
     name = recipe.get("name") or run_dir.name
@@ -147,6 +148,19 @@ def _run_heldout_rows(source: ExportSource, tokenizer) -> list:
         if data.fingerprints == wanted:
             return data.eval_rows
     return []
+
+
+def _check_gathered(final: Path) -> None:
+    """DeepSpeed ZeRO-3 saves empty placeholders unless told to gather the weights on save."""
+    from safetensors import safe_open
+
+    for file in final.glob("*.safetensors"):
+        with safe_open(str(file), "pt") as f:
+            empty = [k for k in f.keys() if 0 in f.get_slice(k).get_shape()]
+        if empty:
+            raise UserError(f"export: {file} holds empty tensors ({empty[0]}, ...): the run saved ZeRO-3 shards without "
+                            "gathering them; set stage3_gather_16bit_weights_on_model_save: true in the DeepSpeed config "
+                            "and save again (or convert a checkpoint with DeepSpeed's zero_to_fp32.py)")
 
 
 def _read_json(path: Path) -> dict:
