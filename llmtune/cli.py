@@ -111,9 +111,9 @@ def cmd_export(args) -> int:
     formats = list(dict.fromkeys(f for spec in args.formats for f in (FORMATS if spec == "all" else spec.split(","))))
     if args.output and len(formats) > 1:
         raise UserError("--output: names one directory, so give one --format with it (or leave --output out)")
-    failed = []
+    failed, reference = [], {}
     for fmt in formats:
-        record = export_model(args.source, fmt, args.output)
+        record = export_model(args.source, fmt, args.output, reference_cache=reference)
         cost = record["cost"]
         print(f"[llmtune] {fmt}: {record['path']}  {record['bytes'] / 1e6:.1f} MB, perplexity {cost['perplexity_change']:+.2%}, "
               f"top-1 agreement {cost['top1_agreement']:.1%}, {'verified' if record['ok'] else 'VERIFICATION FAILED (see report.md)'}")

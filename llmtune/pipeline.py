@@ -118,8 +118,9 @@ def run_recipe(recipe: Recipe, recipe_dir: Path, resume: bool = False) -> RunRes
     run.write_summary(summary)
 
     # Export: each format is written, reloaded and measured, and recorded in summary.json
+    reference: dict = {}  # the trained model's figures, measured once for every format
     for fmt in dict.fromkeys((["merged"] if recipe.export.merged else []) + list(recipe.export.formats)):
-        exports[fmt] = export_model(run.path, fmt, heldout_rows=data.eval_rows or None)
+        exports[fmt] = export_model(run.path, fmt, heldout_rows=data.eval_rows or None, reference_cache=reference)
     print_summary(summary)
     return RunResult(run, summary, trainer.model, tokenizer)
 

@@ -83,7 +83,7 @@ def report_table(record: dict) -> str:
         rows += [("perplexity (reference -> export)", f"{cost['perplexity_reference']:.4f} -> {cost['perplexity']:.4f} "
                   f"({cost['perplexity_change']:+.2%})"),
                  ("top-1 next-token agreement", f"{cost['top1_agreement']:.2%} of {cost['tokens']} positions"),
-                 ("max / mean abs logit difference", f"{cost['max_abs_logit_diff']:.3g} / {cost['mean_abs_logit_diff']:.3g}")]
+                 ("max / mean abs logit difference (first 8 texts)", f"{cost['max_abs_logit_diff']:.3g} / {cost['mean_abs_logit_diff']:.3g}")]
     for name, check in (record.get("checks") or {}).items():
         rows.append((f"check: {name}", _check_text(check)))
     rows.append(("verdict", "all checks passed" if record["ok"] else "FAILED: " + ", ".join(n for n, c in record["checks"].items() if not c.get("ok"))))

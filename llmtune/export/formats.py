@@ -24,7 +24,7 @@ import torch
 from llmtune.errors import UserError
 from llmtune.export import card
 from llmtune.export.gguf import GGUF_FORMATS, check_gguf_supported, expected_weight, gguf_tensor_name, write_gguf
-from llmtune.export.merge import load_trained, merge
+from llmtune.export.merge import FP32, load_trained, merge
 from llmtune.export.source import SAMPLE_TEXTS, ExportSource, heldout_texts, resolve_source
 from llmtune.export.verify import compare, directory_bytes, make_batches, measure, tokenizer_round_trip
 
@@ -34,8 +34,12 @@ GGUF_FILE = "model.gguf"
 
 
 def export_model(spec: str | Path, fmt: str, output: str | Path | None = None, heldout_rows: list | None = None,
-                 update_run_summary: bool = True) -> dict:
-    """Export `spec` (run directory, model directory or built-in name) as `fmt`; returns the verification record."""
+                 update_run_summary: bool = True, reference_cache: dict | None = None) -> dict:
+    """Export `spec` (run directory, model directory or built-in name) as `fmt`; returns the verification record.
+
+    `reference_cache`: pass the same dict to several calls for one source, and the fp32 reference is
+    measured once instead of once per format.
+    """
     if fmt not in FORMATS:
         raise UserError(f"--format: unknown format {fmt!r}; one of {', '.join(FORMATS)}")
     source = resolve_source(str(spec))
@@ -52,11 +56,15 @@ def export_model(spec: str | Path, fmt: str, output: str | Path | None = None, h
         check_gguf_supported(AutoConfig.from_pretrained(source.base_path or source.model_dir), _tokenizer_dir(source))
 
     # The reference every format is measured against: the model as trained, in fp32.
-    texts, heldout = _texts(source, tokenizer, heldout_rows)
-    batches = make_batches(tokenizer, texts)
     trained = load_trained(source)
-    print(f"[llmtune] export {source.name} -> {fmt}: measuring the fp32 reference on {heldout}")
-    reference = measure(trained, batches)
+    cache = reference_cache if reference_cache is not None else {}
+    if cache.get("source") != str(spec):
+        texts, heldout = _texts(source, tokenizer, heldout_rows)
+        batches = make_batches(tokenizer, texts)
+        print(f"[llmtune] export {source.name}: measuring the fp32 reference on {heldout}")
+        cache.update(source=str(spec), texts=texts, heldout=heldout, batches=batches, reference=measure(trained, batches))
+    texts, heldout, batches, reference = cache["texts"], cache["heldout"], cache["batches"], cache["reference"]
+    print(f"[llmtune] export {source.name} -> {fmt}")
 
     staging = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(staging, ignore_errors=True)
@@ -132,7 +140,6 @@ def _write_bnb(source: ExportSource, merged, tokenizer, out: Path, fmt: str) -> 
     from transformers import AutoModelForCausalLM
 
     from llmtune.models.load import bnb_config, training_device
-    from llmtune.export.merge import FP32
 
     bits = fmt.removeprefix("bnb-")
     with tempfile.TemporaryDirectory(prefix=".llmtune-fp32-", dir=out.parent) as full:
