@@ -174,6 +174,14 @@ def test_export_input_mistakes_exit_2(tmp_path, capsys):
     assert main(["export", str(tmp_path), "--format", "merged", "--format", "bnb-4bit", "--output", str(tmp_path / "x")]) == 2
 
 
+def test_export_never_replaces_a_directory_that_is_not_an_export(tiny_model_dir, tmp_path):
+    (tmp_path / "precious").mkdir()
+    (tmp_path / "precious" / "notes.txt").write_text("keep me")
+    with pytest.raises(UserError, match="not an earlier llmtune export"):
+        export_model(tiny_model_dir, "merged", tmp_path / "precious")
+    assert (tmp_path / "precious" / "notes.txt").read_text() == "keep me"
+
+
 def test_unsupported_gguf_architecture_is_refused_before_any_work(tiny_tokenizer_dir, tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel
 

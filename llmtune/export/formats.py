@@ -48,6 +48,7 @@ def export_model(spec: str | Path, fmt: str, output: str | Path | None = None, h
                         "not weights), so there is no standalone model to quantize; use --format merged, which exports "
                         "the adapter with a reference to its base")
     out_dir = Path(output) if output else default_output(source, fmt)
+    _check_replaceable(out_dir)
     t0 = time.perf_counter()
     tokenizer = _load_tokenizer(source)
     if fmt in GGUF_FORMATS:
@@ -251,6 +252,14 @@ def _texts(source: ExportSource, tokenizer, heldout_rows: list | None) -> tuple[
         texts = ["".join(t for t, _ in render_segments(m, tokenizer, chat_template)) for m in heldout_rows[:32]]
         return texts, f"{len(texts)} held-out rows of the run's data"
     return heldout_texts(source, tokenizer)
+
+
+def _check_replaceable(out_dir: Path) -> None:
+    """An export replaces its directory: only ever an earlier export, never a folder of other files."""
+    if out_dir.is_dir() and any(out_dir.iterdir()):
+        previous = out_dir / "summary.json"
+        if not (previous.is_file() and "format" in json.loads(previous.read_text() or "{}")):
+            raise UserError(f"--output: {out_dir} exists and is not an earlier llmtune export; choose a new or empty directory")
 
 
 def _record_in_run(run_dir: Path, fmt: str, record: dict) -> None:
