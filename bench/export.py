@@ -40,10 +40,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="export root (default: RUN_DIR/export)")
     args = parser.parse_args()
 
-    rows = []
+    rows, reference = [], {}
     for fmt in args.formats.split(","):
         out = (args.out / fmt) if args.out else None
-        record = export_model(args.run_dir, fmt, out)
+        record = export_model(args.run_dir, fmt, out, reference_cache=reference)
         rows.append(record)
     baseline = None
     if (args.run_dir / "final" / "adapter_config.json").is_file():
