@@ -29,7 +29,12 @@ from llmtune.export.source import SAMPLE_TEXTS, ExportSource, heldout_texts, res
 from llmtune.export.verify import compare, directory_bytes, make_batches, measure, tokenizer_round_trip
 
 FORMATS = ("merged", "bnb-8bit", "bnb-4bit", *GGUF_FORMATS)
-MERGE_TOLERANCE = 1e-4  # fp32 merged vs adapter logits
+# Merged vs adapter logits in fp32: 1e-4, or 1e-5 of the largest logit for models with large logits.
+# Merging changes the order of the float operations (x(W + BA) vs xW + (xB)A), and the rounding
+# difference grows with depth and logit size: measured 1.3e-4 on SmolLM2-135M (30 layers, logits
+# up to ~30) against ~3e-7 on the 2-layer test model.
+MERGE_TOLERANCE = 1e-4
+MERGE_RELATIVE_TOLERANCE = 1e-5
 GGUF_FILE = "model.gguf"
 
 
@@ -192,8 +197,9 @@ def _verify(fmt, record, out_dir, tokenizer, texts, batches, reference, merged) 
             checks["reload"] = {"ok": quantized is None, "loader": "transformers from_pretrained"}
     cost = compare(reference, measure(reloaded, batches), batches)
     if fmt == "merged":
-        checks["merged_equals_trained"] = {"ok": cost["max_abs_logit_diff"] < MERGE_TOLERANCE,
-                                           "max_abs_logit_diff": cost["max_abs_logit_diff"], "tolerance": MERGE_TOLERANCE}
+        tolerance = max(MERGE_TOLERANCE, MERGE_RELATIVE_TOLERANCE * cost["reference_max_abs_logit"])
+        checks["merged_equals_trained"] = {"ok": cost["max_abs_logit_diff"] < tolerance,
+                                           "max_abs_logit_diff": cost["max_abs_logit_diff"], "tolerance": tolerance}
     checks["finite_logits"] = {"ok": math_finite(cost)}
     return checks, cost
 

@@ -74,6 +74,7 @@ def compare(reference: Measurement, candidate: Measurement, batches: list[dict])
         "top1_agreement": round(agree / max(1, total), 5),
         "max_abs_logit_diff": float(diff.max()),
         "mean_abs_logit_diff": float(diff.mean()),
+        "reference_max_abs_logit": float(reference.first_logits.abs()[first_mask].max()),
         "tokens": total,
     }
 
