@@ -41,8 +41,9 @@ def model_card(source: ExportSource, fmt: str, record: dict) -> str:
         lines.append(f"| method | {recipe.get('method', {}).get('kind', 'sft')} with adapter kind {adapter.get('kind')} |")
         train = source.summary.get("train", {})
         if train:
-            lines.append(f"| training | {train.get('steps')} steps, loss {train.get('first_loss')} -> {train.get('final_loss')}, "
-                         f"{train.get('trainable_params'):,} trainable parameters |")
+            loss = (f", loss {train['first_loss']:.4f} -> {train['final_loss']:.4f}"
+                    if train.get("first_loss") is not None and train.get("final_loss") is not None else "")
+            lines.append(f"| training | {train.get('steps')} steps{loss}, {train.get('trainable_params') or 0:,} trainable parameters |")
         if source.manifest.get("started_at"):
             lines.append(f"| trained | {source.manifest['started_at']} (llmtune {source.manifest.get('llmtune')}) |")
     if source.run_dir:
