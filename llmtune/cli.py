@@ -22,8 +22,7 @@ def main(argv: list[str] | None = None) -> int:
         build_parser().print_help()
         return 2
     try:
-        args.func(args)
-        return 0
+        return args.func(args) or 0  # a verb may return 1 for a failure it has already reported
     except UserError as exc:
         if args.debug:
             traceback.print_exc()
@@ -79,6 +78,16 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--json", action="store_true", help="print the preview as JSON instead")
     q.set_defaults(func=cmd_data_preview)
     q.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks for input errors too")
+
+    p = verbs.add_parser("export", help="export a run or model as merged, bitsandbytes or GGUF, verified",
+                         description="Write a deployable artifact (model card, report.md, summary.json included), reload it "
+                                     "with plain transformers and measure what the export cost against the model it came "
+                                     "from: perplexity change, top-1 next-token agreement, logit differences.")
+    p.add_argument("source", metavar="RUN_DIR_OR_MODEL", help="a run directory, a model directory or a built-in model name")
+    p.add_argument("--format", dest="formats", action="append", required=True, metavar="FORMAT",
+                   help="merged, bnb-8bit, bnb-4bit, gguf-f16, gguf-q8_0 or gguf-q4_0; repeat for several, or 'all'")
+    p.add_argument("--output", help="export directory (one format only); default RUN_DIR/export/FORMAT, or exports/NAME-FORMAT")
+    p.set_defaults(func=cmd_export)
 
     p = verbs.add_parser("ls", help="list shipped recipes and built-in models",
                          description="List shipped recipes and built-in models.")
@@ -139,6 +148,26 @@ def cmd_data_preview(args) -> None:
     cfg = recipe.data.model_copy(update={"packing": False})  # show examples whole, as they are masked
     data = prepare_data(cfg, recipe_dir, tokenizer, recipe.train.seed)
     print_preview(preview(data, tokenizer, args.n, cfg.max_length), args.json)
+
+
+def cmd_export(args) -> int:
+    from llmtune.export.formats import FORMATS, export_model
+
+    formats = list(dict.fromkeys(f for spec in args.formats for f in (FORMATS if spec == "all" else spec.split(","))))
+    if args.output and len(formats) > 1:
+        raise UserError("--output: names one directory, so give one --format with it (or leave --output out)")
+    failed, reference = [], {}
+    for fmt in formats:
+        record = export_model(args.source, fmt, args.output, reference_cache=reference)
+        cost = record["cost"]
+        print(f"[llmtune] {fmt}: {record['path']}  {record['bytes'] / 1e6:.1f} MB, perplexity {cost['perplexity_change']:+.2%}, "
+              f"top-1 agreement {cost['top1_agreement']:.1%}, {'verified' if record['ok'] else 'VERIFICATION FAILED (see report.md)'}")
+        if not record["ok"]:
+            failed.append(fmt)
+    if failed:
+        print(f"error: export verification failed for {', '.join(failed)}; see report.md in each export directory", file=sys.stderr)
+        return 1
+    return 0
 
 
 def cmd_ls(args) -> None:

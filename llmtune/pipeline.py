@@ -15,7 +15,7 @@ from llmtune.evaluation.classification import classification_metrics
 from llmtune.evaluation import stage as task_eval
 from llmtune.evaluation.exact_match import exact_match
 from llmtune.evaluation.reports import print_tasks
-from llmtune.export.merge import export_merged
+from llmtune.export.formats import export_model
 from llmtune.methods.classification import train_classification
 from llmtune.methods.sft import train_sft
 from llmtune.models.adapter import apply_adapter, count_parameters
@@ -97,11 +97,7 @@ def run_recipe(recipe: Recipe, recipe_dir: Path, resume: bool = False) -> RunRes
             task_eval.add_heldout(tasks.setdefault(when, {}), evaluation[when], evaluation[when]["n"])
     gates = task_eval.finish(recipe, run, tasks)
 
-    # Export
-    exports = {}
-    if recipe.export.merged:
-        exports["merged"] = export_merged(final, run.path / "export" / "merged", recipe, data.eval_rows or None)
-
+    exports = {}  # filled in after summary.json exists: each export's model card reads the run's evaluation there
     metrics = run.read_metrics()
     losses = [r for r in metrics if "loss" in r]
     speeds = [r["tokens_per_s"] for r in metrics if r.get("tokens_per_s")]
@@ -139,6 +135,11 @@ def run_recipe(recipe: Recipe, recipe_dir: Path, resume: bool = False) -> RunRes
             summary["status"] = "failed"
     run.update_manifest(ended_at=now())
     run.write_summary(summary)
+
+    # Export: each format is written, reloaded and measured, and recorded in summary.json
+    reference: dict = {}  # the trained model's figures, measured once for every format
+    for fmt in dict.fromkeys((["merged"] if recipe.export.merged else []) + list(recipe.export.formats)):
+        exports[fmt] = export_model(run.path, fmt, heldout_rows=data.eval_rows or None, reference_cache=reference)
     print_summary(summary)
     if tasks:
         print_tasks(tasks, gates)

@@ -31,7 +31,8 @@ def print_summary(summary: dict) -> None:
         table.add_row(metric, f"{' -> '.join(shown)} (n={evaluation['after']['n']})")
     table.add_row("final model", summary.get("final", ""))
     for fmt, info in (summary.get("export") or {}).items():
-        table.add_row(f"export {fmt}", f"{info['path']}  (max |logit diff| {info['max_abs_logit_diff']:.2e})")
+        status = "verified" if info.get("ok", True) else "VERIFICATION FAILED, see report.md"
+        table.add_row(f"export {fmt}", f"{info['path']}  (max |logit diff| {info['max_abs_logit_diff']:.2e}; {status})")
     Console().print(table)
 
 

@@ -178,3 +178,16 @@ def test_resume_flag_does_not_swallow_overrides():
 
     args = parse_args(["train", "r.yaml", "--resume", "train.max_steps=5"])
     assert args.resume is True and args.overrides == ["train.max_steps=5"]
+
+
+def test_export_formats_are_checked_against_the_adapter_and_method(tmp_path):
+    path = write(tmp_path, "data: {sources: [{path: a.jsonl}]}\nadapter: {kind: prefix}\nexport: {formats: [merged, gguf-q8_0]}\n")
+    with pytest.raises(UserError) as info:
+        load_recipe(path)
+    assert info.value.problems[0].startswith("export.formats: a prefix adapter cannot be merged")
+    recipe, _ = load_recipe(path, ["export.formats=[merged]"])  # the adapter with a reference to its base
+    assert recipe.export.formats == ["merged"]
+    path = write(tmp_path, "data: {sources: [{path: a.jsonl}]}\nexport: {formats: [gguf-q5]}\n")
+    with pytest.raises(UserError) as info:
+        load_recipe(path)
+    assert info.value.problems[0].startswith("export.formats[0]: Input should be")

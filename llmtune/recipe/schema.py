@@ -313,9 +313,14 @@ class EvalSection(Section):
     """Conditions the trained model must meet; a failed gate marks the run failed (exit code 3)."""
 
 
+ExportFormat = Literal["merged", "bnb-8bit", "bnb-4bit", "gguf-f16", "gguf-q8_0", "gguf-q4_0"]
+
+
 class ExportSection(Section):
     merged: bool = False
-    """Write `export/merged/`: adapters merged into a full-precision copy of the base, verified."""
+    """Write `export/merged/`: adapters merged into a full-precision copy of the base, verified (same as `formats: [merged]`)."""
+    formats: list[ExportFormat] = Field(default_factory=list)
+    """Artifacts written to `export/<format>/` after training, each reloaded and measured against the trained model (perplexity change, top-1 agreement, model card): `merged`, `bnb-8bit`, `bnb-4bit`, `gguf-f16`, `gguf-q8_0`, `gguf-q4_0` (see Export)."""
 
 
 class LaunchSection(Section):
@@ -360,6 +365,15 @@ class Recipe(Section):
         elif self.export.merged and self.adapter.kind not in MERGEABLE:
             problems.append(f"export.merged: adapter kind {self.adapter.kind} cannot be merged "
                             f"({'final/ is already a full model' if self.adapter.kind in ('full', 'freeze') else 'virtual tokens are not weights'}); remove it")
+        if self.export.formats and self.method.kind == "classification":
+            problems.append("export.formats: export covers causal language models; a classifier's final/ "
+                            "already loads with AutoPeftModelForSequenceClassification; remove it")
+        elif self.adapter.kind in ("prefix", "prompt") and set(self.export.formats) - {"merged"}:
+            problems.append(f"export.formats: a {self.adapter.kind} adapter cannot be merged into its base (virtual tokens are not "
+                            "weights), so it cannot be quantized either; keep only `merged` (it exports the adapter with a "
+                            "reference to its base)")
+        if len(set(self.export.formats)) != len(self.export.formats):
+            problems.append("export.formats: a format is listed twice; list each once")
         if self.adapter.kind == "prefix" and self.train.gradient_checkpointing:
             problems.append("adapter.kind: prefix tuning cannot run with gradient checkpointing (PEFT's cached prefix "
                             "key/values do not survive recomputation); set train.gradient_checkpointing: false")
