@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -87,17 +88,33 @@ def inside_launcher() -> bool:
     return bool(os.environ.get(LAUNCHED_ENV)) or "LOCAL_RANK" in os.environ or "ACCELERATE_MIXED_PRECISION" in os.environ
 
 
-def launch_command(options: LaunchOptions, train_args: list[str], gpus: int) -> list[str]:
-    """`accelerate launch` with the config and overrides, running `llmtune train` in each process."""
+def shards_weights() -> bool:
+    """True under DeepSpeed ZeRO-3 or FSDP: the engine places each rank's shard, so the whole model
+    must not be moved onto one GPU first."""
+    zero3 = os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true" and os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3"
+    return zero3 or os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
+
+
+def launch_command(options: LaunchOptions, train_args: list[str], gpus: int, scratch: Path) -> list[str]:
+    """`accelerate launch` with the config and overrides, running `llmtune train` in each process.
+
+    Without GPUs the config is copied into `scratch` with `use_cpu: true`: Accelerate's `--cpu` flag
+    would fall back to its single-process launcher, while `use_cpu` in the config keeps torchrun
+    (or DeepSpeed's launcher) and runs every process on the CPU over gloo.
+    """
     config = read_accelerate_config(options.config)
     distributed = str(config.get("distributed_type", "NO")).upper()
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(options.config)]
+    config_file = options.config
     if gpus == 0:
         if distributed == "FSDP":
             raise UserError(f"--accelerate-config: {options.config.name} is FSDP, which llmtune runs on GPUs only "
                             "(FSDP2 on CPU processes is not supported by its mixed-precision and gloo paths); "
                             "on CPUs use multi_gpu (DDP) or deepspeed_zero2 / deepspeed_zero3")
-        command.append("--cpu")  # no GPU: the processes run on CPUs and talk over gloo
+        import yaml
+
+        config_file = scratch / f"{options.config.stem}.cpu.yaml"
+        config_file.write_text(yaml.safe_dump(config | {"use_cpu": True}))
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config_file)]
     num_machines = options.num_machines or int(config.get("num_machines", 1))
     num_processes = options.num_processes
     if num_processes is None and gpus and distributed != "NO":
@@ -137,9 +154,10 @@ def relaunch_if_needed(recipe: Recipe, args, recipe_dir: Path | None = None) -> 
         # Every rank must write to the same run directory, so the parent picks it once.
         overrides.append(f"train.output_dir={RunDir.for_recipe(recipe, args.resume).path}")
     train_args = [args.recipe, *overrides] + (["--resume"] if args.resume else []) + (["--debug"] if args.debug else [])
-    command = launch_command(options, train_args, gpus)
-    print(f"[llmtune] launching: accelerate launch {' '.join(command[3:])}", flush=True)
-    result = subprocess.run(command, env=os.environ | {LAUNCHED_ENV: "1"})
+    with tempfile.TemporaryDirectory(prefix="llmtune-launch-") as scratch:
+        command = launch_command(options, train_args, gpus, Path(scratch))
+        print(f"[llmtune] launching: accelerate launch {' '.join(command[3:])}", flush=True)
+        result = subprocess.run(command, env=os.environ | {LAUNCHED_ENV: "1"})
     if result.returncode:
         sys.exit(result.returncode)
     return True

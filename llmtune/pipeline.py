@@ -20,6 +20,7 @@ from llmtune.models.adapter import apply_adapter, count_parameters
 from llmtune.models.load import (for_trainable_weights, load_causal_lm, load_classifier, load_tokenizer,
                                  resolve_model_path, resolve_precision, training_device)
 from llmtune.recipe import Recipe
+from llmtune.launch import shards_weights
 from llmtune.report import print_summary
 from llmtune.runs import RunDir, is_main_process, now
 
@@ -56,7 +57,7 @@ def run_recipe(recipe: Recipe, recipe_dir: Path, resume: bool = False) -> RunRes
         model = load_classifier(recipe.model, model_path, precision, data.label_names, tokenizer.pad_token_id)
     else:
         model = load_causal_lm(recipe.model, model_path, precision)
-    if recipe.model.quantization == "none":
+    if recipe.model.quantization == "none" and not shards_weights():
         model.to(training_device())  # evaluate "before" where training will run (bitsandbytes placed itself)
 
     # Evaluate the base model (kept from the first attempt when resuming)
