@@ -104,12 +104,8 @@ def launch_command(options: LaunchOptions, train_args: list[str], gpus: int, scr
     """
     config = read_accelerate_config(options.config)
     distributed = str(config.get("distributed_type", "NO")).upper()
-    config_file = options.config
+    config_file = options.config  # DDP, DeepSpeed and FSDP2 all run on CPU processes (tests/test_distributed.py)
     if gpus == 0:
-        if distributed == "FSDP":
-            raise UserError(f"--accelerate-config: {options.config.name} is FSDP, which llmtune runs on GPUs only "
-                            "(FSDP2 on CPU processes is not supported by its mixed-precision and gloo paths); "
-                            "on CPUs use multi_gpu (DDP) or deepspeed_zero2 / deepspeed_zero3")
         import yaml
 
         config_file = scratch / f"{options.config.stem}.cpu.yaml"

@@ -1,4 +1,4 @@
-"""Several processes on CPU (gloo): DDP, DeepSpeed ZeRO-2 and ZeRO-3 through Accelerate's launcher.
+"""Several processes on CPU (gloo): DDP, DeepSpeed ZeRO-2 and ZeRO-3, FSDP2 through Accelerate's launcher.
 
 The invariant: N steps with 2 processes at per-device batch b give the same losses (and weights) as
 1 process at batch 2b, because both see the same rows per step and average over the same tokens.
@@ -114,3 +114,16 @@ def test_zero3_lora_equals_one_process_and_resumes_from_its_deepspeed_checkpoint
     assert summary["train"]["resumed_from"].endswith("checkpoint-2")
     assert losses(resumed) == pytest.approx(losses(two), abs=1e-5)
     assert_same_tensors(load_file(resumed / "final" / "adapter_model.safetensors"), adapter, atol=1e-6)
+
+
+def test_fsdp2_full_finetune_equals_one_process(make_recipe, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    path = make_recipe(adapter={"kind": "full"}, train={"batch_size": 2, "max_steps": 3, "save_steps": 3, "learning_rate": 1e-3})
+    two = tmp_path / "fsdp2"
+    llmtune_train(path, f"train.output_dir={two}", "--accelerate-config", "fsdp2", "--num-processes", "2")
+    one = one_process(path, "train.batch_size=4", f"train.output_dir={tmp_path / 'one'}").path
+    assert losses(two) == pytest.approx(losses(one), abs=1e-4)
+    # FULL_STATE_DICT: final/ is one plain model gathered from the shards.
+    assert_same_tensors(AutoModelForCausalLM.from_pretrained(two / "final").state_dict(),
+                        AutoModelForCausalLM.from_pretrained(one / "final").state_dict(), atol=1e-4)

@@ -80,8 +80,6 @@ def test_gpu_launch_defaults_to_one_process_per_visible_gpu_on_every_machine(tmp
 
 
 def test_launch_mistakes_are_user_errors(tmp_path):
-    with pytest.raises(UserError, match="FSDP, which llmtune runs on GPUs only"):
-        launch_command(LaunchOptions(config=shipped_configs()["fsdp2"]), ["r.yaml"], gpus=0, scratch=tmp_path)
     no_ip = tmp_path / "nodes.yaml"
     no_ip.write_text("distributed_type: MULTI_GPU\nnum_machines: 2\nnum_processes: 4\n")
     with pytest.raises(UserError, match="--main-process-ip"):
