@@ -130,8 +130,11 @@ def cmd_train(args) -> None:
     if agreed:  # the user's own multi-process launch: every rank writes where rank 0 chose
         recipe, recipe_dir = load_recipe(args.recipe, [*args.overrides, f"train.output_dir={agreed}"])
     from llmtune.pipeline import run_recipe
+    from llmtune.runs import is_main_process
 
-    print(run_recipe(recipe, recipe_dir, resume=args.resume).run.path)
+    run = run_recipe(recipe, recipe_dir, resume=args.resume).run
+    if is_main_process():  # one line for scripts, not one per rank
+        print(run.path)
 
 
 def cmd_plan(args) -> None:
