@@ -57,11 +57,20 @@ def build_model(out: Path, dims: dict, seq_len: int) -> int:
     model = Qwen2ForCausalLM(config)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(out)  # measure lengths with the tokenizer llmtune will load
     # Rows of about seq_len tokens: a prompt of a quarter, a completion of the rest.
     rng = __import__("random").Random(0)
     rows = []
-    per_word = len(tokenizer(" w123").input_ids) or 1
-    n_words = max(4, (seq_len - 16) // per_word)
+    def rendered_length(prompt: str, completion: str) -> int:
+        messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
+        return len(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"])
+
+    n_words = seq_len  # shrink until a row renders within seq_len tokens (about 4 tokens a word)
+    probe = [rng.choice(words) for _ in range(seq_len)]
+    while n_words > 4 and rendered_length(" ".join(probe[: n_words // 4]), " ".join(probe[n_words // 4: n_words])) > seq_len * 0.9:
+        n_words = int(n_words * 0.9)
     for _ in range(512):
         text = [rng.choice(words) for _ in range(n_words)]
         q = n_words // 4
