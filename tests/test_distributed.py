@@ -93,7 +93,7 @@ def test_zero3_lora_equals_one_process_and_resumes_from_its_deepspeed_checkpoint
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    path = make_recipe(train={"batch_size": 2, "max_steps": 4, "save_steps": 2})
+    path = make_recipe(train={"batch_size": 2, "max_steps": 4, "save_steps": 2}, eval={"exact_match": {"max_new_tokens": 8}})
     two = tmp_path / "zero3"
     llmtune_train(path, f"train.output_dir={two}", "--accelerate-config", "deepspeed_zero3", "--num-processes", "2")
     one = one_process(path, "train.batch_size=4", f"train.output_dir={tmp_path / 'one'}").path
@@ -103,6 +103,10 @@ def test_zero3_lora_equals_one_process_and_resumes_from_its_deepspeed_checkpoint
     assert all(t.numel() > 0 for t in adapter.values())
     assert_same_tensors(adapter, load_file(one / "final" / "adapter_model.safetensors"), atol=1e-5)
     PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), two / "final")
+    # Rank 0 evaluated the gathered model (a ZeRO-3 shard alone cannot generate): same answers as one process.
+    generations = lambda run: (run / "eval" / "generations-after.jsonl").read_text()
+    assert json.loads((two / "summary.json").read_text())["eval"]["after"]["n"] == 6
+    assert generations(two) == generations(one)
 
     # Kill after step 2: keep checkpoint-2 (DeepSpeed's sharded states), lose the rest; resume under ZeRO-3.
     resumed = tmp_path / "resumed"
@@ -119,7 +123,8 @@ def test_zero3_lora_equals_one_process_and_resumes_from_its_deepspeed_checkpoint
 def test_fsdp2_full_finetune_equals_one_process(make_recipe, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    path = make_recipe(adapter={"kind": "full"}, train={"batch_size": 2, "max_steps": 3, "save_steps": 3, "learning_rate": 1e-3})
+    path = make_recipe(adapter={"kind": "full"}, train={"batch_size": 2, "max_steps": 3, "save_steps": 3, "learning_rate": 1e-3},
+                       eval={"exact_match": {"max_new_tokens": 8}})
     two = tmp_path / "fsdp2"
     llmtune_train(path, f"train.output_dir={two}", "--accelerate-config", "fsdp2", "--num-processes", "2")
     one = one_process(path, "train.batch_size=4", f"train.output_dir={tmp_path / 'one'}").path
@@ -127,3 +132,4 @@ def test_fsdp2_full_finetune_equals_one_process(make_recipe, tmp_path):
     # FULL_STATE_DICT: final/ is one plain model gathered from the shards.
     assert_same_tensors(AutoModelForCausalLM.from_pretrained(two / "final").state_dict(),
                         AutoModelForCausalLM.from_pretrained(one / "final").state_dict(), atol=1e-4)
+    assert (two / "eval" / "generations-after.jsonl").read_text() == (one / "eval" / "generations-after.jsonl").read_text()

@@ -119,3 +119,11 @@ def test_per_rank_seeds_differ_and_rank_0_keeps_the_recipe_seed():
     assert torch.equal(draws[0], draws[2]) and not torch.equal(draws[0], draws[1])
     torch.manual_seed(7)
     assert torch.equal(draws[0], torch.rand(3))
+
+
+def test_ls_lists_the_shipped_accelerate_configs(capsys):
+    from llmtune.cli import main
+
+    assert main(["ls"]) == 0
+    out = capsys.readouterr().out
+    assert "accelerate configs" in out and all(name in out for name in EXPECTED)

@@ -19,17 +19,20 @@ def plan_for(make_recipe, *overrides, config=None, processes=None, device="cpu",
     return estimate_memory(recipe, options, device=device)
 
 
-def test_counts_equal_the_real_model_with_its_adapter(make_recipe, tiny_model_dir):
+@pytest.mark.parametrize("adapter", [
+    {"kind": "lora", "r": 4, "alpha": 8}, {"kind": "lora", "r": 4, "use_dora": True}, {"kind": "full"},
+    {"kind": "freeze", "freeze_layers": 1}, {"kind": "prefix", "num_virtual_tokens": 5},
+    {"kind": "prompt", "num_virtual_tokens": 5}, {"kind": "ia3"}])
+def test_counts_equal_the_real_model_with_its_adapter(make_recipe, tiny_model_dir, adapter):
+    """The empty-weights model counts exactly what loading the weights and applying the adapter counts."""
     from transformers import AutoModelForCausalLM
 
     from llmtune.recipe.schema import AdapterSection
 
-    lora = plan_for(make_recipe)
-    real = apply_adapter(AutoModelForCausalLM.from_pretrained(tiny_model_dir), AdapterSection(kind="lora", r=4, alpha=8))
-    assert (lora.trainable_params, lora.total_params) == count_parameters(real)
-    full = plan_for(make_recipe, adapter={"kind": "full"})
-    n = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(tiny_model_dir).parameters())
-    assert full.trainable_params == full.total_params == n
+    plan = plan_for(make_recipe, adapter=adapter)
+    real = apply_adapter(AutoModelForCausalLM.from_pretrained(tiny_model_dir), AdapterSection(**adapter))
+    assert (plan.trainable_params, plan.total_params) == count_parameters(real)
+    assert 0 < plan.trainable_params <= plan.total_params
 
 
 def test_full_finetune_bytes_by_hand(make_recipe):
