@@ -79,6 +79,12 @@ def run_recipe(recipe: Recipe, recipe_dir: Path, resume: bool = False) -> RunRes
     final = run.save_final(trainer, tokenizer)
     if not is_main_process():
         return RunResult(run, {}, trainer.model, tokenizer)  # evaluation, export and reports happen once, on rank 0
+    if shards_weights():
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+        # Training is over: without this, from_pretrained (evaluation, merged export) would build models
+        # under ZeRO-3's partitioned init, whose collectives wait for ranks that have already finished.
+        unset_hf_deepspeed_config()
 
     # Evaluate the trained model
     if _has_evaluation(recipe, data):
