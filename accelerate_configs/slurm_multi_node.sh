@@ -22,4 +22,4 @@ OUTPUT_DIR=${LLMTUNE_OUTPUT_DIR:-runs/$(basename "$RECIPE" .yaml)-slurm-$SLURM_J
 srun --kill-on-bad-exit=1 bash -c "llmtune train '$RECIPE' $* train.output_dir='$OUTPUT_DIR' \
   --accelerate-config '$CONFIG' \
   --num-machines $SLURM_NNODES --machine-rank \$SLURM_NODEID --main-process-ip $MAIN_IP \
-  --num-processes $((SLURM_NNODES * SLURM_GPUS_PER_NODE))"
+  --num-processes $((SLURM_NNODES * ${SLURM_GPUS_ON_NODE:-8}))"
