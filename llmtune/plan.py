@@ -56,7 +56,7 @@ class MemoryPlan:
     total_params: int
     trainable_params: int
     gpu: dict[str, float] = field(default_factory=dict)  # bytes per GPU, by component
-    cpu_offload: float = 0.0  # bytes in CPU RAM per machine (offloaded states)
+    cpu_offload: float = 0.0  # bytes in CPU RAM, all processes together (offloaded states)
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -226,7 +226,7 @@ def format_plan(plan: MemoryPlan, gpu_memory: float | None) -> str:
     if plan.device == "cuda":
         lines.append(f"  {'needs free (+context, slack)':31s}{plan.required_bytes / GB:8.2f}")
     if plan.cpu_offload:
-        lines.append(f"  {'CPU RAM for offloaded states':31s}{plan.cpu_offload / GB:8.2f}  (per machine)")
+        lines.append(f"  {'CPU RAM for offloaded states':31s}{plan.cpu_offload / GB:8.2f}  (all processes together)")
     if gpu_memory:
         verdict = "fits" if plan.fits(gpu_memory) else "DOES NOT FIT"
         lines.append(f"\n  {verdict} in {gpu_memory / GB:.1f} GB per GPU")
