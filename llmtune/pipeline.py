@@ -21,6 +21,7 @@ from llmtune.methods.sft import train_sft
 from llmtune.models.adapter import apply_adapter, count_parameters
 from llmtune.models.load import (for_trainable_weights, load_causal_lm, load_classifier, load_tokenizer,
                                  resolve_model_path, resolve_precision, training_device)
+from llmtune.launch import shards_weights
 from llmtune.recipe import Recipe
 from llmtune.report import print_summary
 from llmtune.runs import RunDir, is_main_process, now
@@ -58,7 +59,7 @@ def run_recipe(recipe: Recipe, recipe_dir: Path, resume: bool = False) -> RunRes
         model = load_classifier(recipe.model, model_path, precision, data.label_names, tokenizer.pad_token_id)
     else:
         model = load_causal_lm(recipe.model, model_path, precision)
-    if recipe.model.quantization == "none":
+    if recipe.model.quantization == "none" and not shards_weights():
         model.to(training_device())  # evaluate "before" where training will run (bitsandbytes placed itself)
 
     # Evaluate the base model (kept from the first attempt when resuming)
@@ -83,10 +84,17 @@ def run_recipe(recipe: Recipe, recipe_dir: Path, resume: bool = False) -> RunRes
     final = run.save_final(trainer, tokenizer)
     if not is_main_process():
         return RunResult(run, {}, trainer.model, tokenizer)  # evaluation, export and reports happen once, on rank 0
+    if shards_weights():
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+        # Training is over: without this, from_pretrained (evaluation, merged export) would build models
+        # under ZeRO-3's partitioned init, whose collectives wait for ranks that have already finished.
+        unset_hf_deepspeed_config()
 
     # Evaluate the trained model
     if _has_evaluation(recipe, data):
-        evaluation["after"] = _evaluate(recipe, run, trainer.model, tokenizer, data, "after")
+        trained = _reload_final(recipe, final, model_path, precision) if shards_weights() else trainer.model
+        evaluation["after"] = _evaluate(recipe, run, trained, tokenizer, data, "after")
     if "before" in evaluation:
         evaluation["delta"] = {k: round(evaluation["after"][k] - evaluation["before"][k], 4)
                                for k in evaluation["after"] if k != "n"}
@@ -146,6 +154,23 @@ def run_recipe(recipe: Recipe, recipe_dir: Path, resume: bool = False) -> RunRes
     if gates is not None and not gates["passed"]:
         raise GateFailed(gates["failures"])
     return RunResult(run, summary, trainer.model, tokenizer)
+
+
+def _reload_final(recipe: Recipe, final: Path, model_path: str, precision):
+    """Under ZeRO-3 or FSDP each rank holds only a shard, so rank 0 alone cannot run the trained
+    model; it evaluates final/ instead (gathered on save), loaded the way a user loads it."""
+    if recipe.adapter.kind in ("full", "freeze"):
+        if recipe.method.kind == "classification":
+            from transformers import AutoModelForSequenceClassification as cls
+        else:
+            from transformers import AutoModelForCausalLM as cls
+        model = cls.from_pretrained(final, dtype=precision.dtype)
+    else:
+        from peft import AutoPeftModelForCausalLM, AutoPeftModelForSequenceClassification
+
+        cls = AutoPeftModelForSequenceClassification if recipe.method.kind == "classification" else AutoPeftModelForCausalLM
+        model = cls.from_pretrained(final, dtype=precision.dtype)
+    return model.to(training_device()).eval()
 
 
 def _has_evaluation(recipe: Recipe, data) -> bool:

@@ -233,6 +233,10 @@ class RunCallback(TrainerCallback):
             row["tokens_per_s"] = round((seen - self._last[1]) / (t - self._last[0]), 1)
             row["step_time_s"] = round((t - self._last[0]) / (step - self._last[2]), 3)
         self._last = (t, seen, step)
+        import torch
+
+        if torch.cuda.is_available():  # rank 0's peak so far, to set beside `llmtune plan`'s estimate
+            row["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20)
         row |= {k: v for k, v in logs.items() if k not in ("loss", "learning_rate")}
         with self.run.metrics.open("a") as f:
             f.write(json.dumps(row) + "\n")

@@ -47,4 +47,17 @@ def run_trainer(trainer, resume_from: str | None):
     from transformers.trainer_callback import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)  # disable_tqdm=True would print every log dict otherwise
+    seed_this_rank(trainer.args)
     return trainer.train(resume_from_checkpoint=resume_from)
+
+
+def seed_this_rank(args) -> None:
+    """Dropout and other training-time randomness get a seed per rank (seed + rank).
+
+    Initial weights were drawn before this with the same seed on every rank, so all ranks start
+    identical; the data order comes from the sampler's own seed (data_seed), shared by all ranks so
+    they split one shuffled order. With one process this is the recipe's seed, unchanged.
+    """
+    from transformers import set_seed
+
+    set_seed(args.seed + args.process_index)

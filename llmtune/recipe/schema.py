@@ -325,9 +325,10 @@ class ExportSection(Section):
 
 class LaunchSection(Section):
     accelerate_config: str | None = None
-    """Accelerate config file; when set, the run re-executes itself under `accelerate launch`."""
+    """A shipped accelerate config by name (multi_gpu, deepspeed_zero2, deepspeed_zero3, fsdp2, ...; `llmtune ls`) or a file
+    (relative to the recipe); when set, the run re-executes itself under `accelerate launch` (`--accelerate-config` wins)."""
     num_processes: int | None = Field(default=None, gt=0)
-    """Processes to launch (overrides the accelerate config's own)."""
+    """Processes to launch in all; default: one per visible GPU (the config's own count on CPUs); `--num-processes` wins."""
 
 
 class Recipe(Section):

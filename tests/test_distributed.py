@@ -1,0 +1,135 @@
+"""Several processes on CPU (gloo): DDP, DeepSpeed ZeRO-2 and ZeRO-3, FSDP2 through Accelerate's launcher.
+
+The invariant: N steps with 2 processes at per-device batch b give the same losses (and weights) as
+1 process at batch 2b, because both see the same rows per step and average over the same tokens.
+Slow (two interpreters start per run): `pytest -m slow tests/test_distributed.py`.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from llmtune.pipeline import run_recipe
+from llmtune.recipe import load_recipe
+
+ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slow
+
+
+def one_process(path, *overrides, resume=False):
+    recipe, recipe_dir = load_recipe(path, list(overrides))
+    return run_recipe(recipe, recipe_dir, resume=resume).run
+
+
+def llmtune_train(*args, cwd=ROOT):
+    env = os.environ | {"PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, "-m", "llmtune.cli", "train", *map(str, args)], cwd=cwd, env=env,
+                         capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-6000:]
+    return out
+
+
+def losses(run_dir: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_same_tensors(a: dict, b: dict, atol: float):
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.allclose(a[key].float(), b[key].float(), atol=atol), key
+
+
+def test_ddp_under_the_users_own_accelerate_launch_equals_one_process(make_recipe, tmp_path):
+    """`accelerate launch -m llmtune.cli train` (no llmtune launch flags, no output_dir): ranks agree on one run dir."""
+    path = make_recipe(train={"output_dir": None, "batch_size": 2, "max_steps": 4, "save_steps": 2})
+    work = tmp_path / "work"
+    work.mkdir()
+    # The user's CPU config: multi_gpu with use_cpu (accelerate's --cpu flag would start one process only).
+    config = work / "ddp_cpu.yaml"
+    config.write_text((ROOT / "accelerate_configs" / "multi_gpu.yaml").read_text().replace("use_cpu: false", "use_cpu: true"))
+    env = os.environ | {"PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", config, "--num_processes", "2",
+                          "-m", "llmtune.cli", "train", path], cwd=work, env=env, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-6000:]
+    runs = list((work / "runs").iterdir())
+    assert len(runs) == 1, runs  # both ranks wrote into the directory rank 0 named
+    two = runs[0]
+    manifest = json.loads((two / "manifest.json").read_text())
+    assert manifest["hardware"]["world_size"] == 2
+
+    one = one_process(path, "train.batch_size=4", f"train.output_dir={tmp_path / 'one'}").path
+    assert losses(two) == pytest.approx(losses(one), abs=1e-4)
+    assert len(losses(two)) == 4
+    assert_same_tensors(load_file(two / "final" / "adapter_model.safetensors"),
+                        load_file(one / "final" / "adapter_model.safetensors"), atol=1e-5)
+    # Rank 0 alone wrote the run directory: one metrics row per step, complete checkpoints only.
+    assert sorted(p.name for p in (two / "checkpoints").iterdir()) == ["checkpoint-2", "checkpoint-4"]
+    assert {"rng_state_0.pth", "rng_state_1.pth"} <= {p.name for p in (two / "checkpoints" / "checkpoint-2").iterdir()}
+
+
+def test_zero2_full_finetune_equals_one_process_and_final_is_a_plain_model(make_recipe, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    path = make_recipe(adapter={"kind": "full"}, train={"batch_size": 2, "max_steps": 3, "save_steps": 3, "learning_rate": 1e-3})
+    two = tmp_path / "zero2"
+    llmtune_train(path, f"train.output_dir={two}", "--accelerate-config", "deepspeed_zero2", "--num-processes", "2")
+    one = one_process(path, "train.batch_size=4", f"train.output_dir={tmp_path / 'one'}").path
+    assert losses(two) == pytest.approx(losses(one), abs=1e-4)
+    assert (two / "checkpoints" / "checkpoint-3" / "global_step3").is_dir()  # DeepSpeed's own sharded states
+    # final/ loads with plain transformers and holds the same weights as the one-process run.
+    trained = AutoModelForCausalLM.from_pretrained(two / "final").state_dict()
+    reference = AutoModelForCausalLM.from_pretrained(one / "final").state_dict()
+    assert_same_tensors(trained, reference, atol=1e-4)
+
+
+def test_zero3_lora_equals_one_process_and_resumes_from_its_deepspeed_checkpoint(make_recipe, tmp_path, tiny_model_dir):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    path = make_recipe(train={"batch_size": 2, "max_steps": 4, "save_steps": 2}, eval={"exact_match": {"max_new_tokens": 8}})
+    two = tmp_path / "zero3"
+    llmtune_train(path, f"train.output_dir={two}", "--accelerate-config", "deepspeed_zero3", "--num-processes", "2")
+    one = one_process(path, "train.batch_size=4", f"train.output_dir={tmp_path / 'one'}").path
+    assert losses(two) == pytest.approx(losses(one), abs=1e-4)
+    # The adapter was gathered from the ZeRO-3 shards: full shapes, same values, loads with plain PEFT.
+    adapter = load_file(two / "final" / "adapter_model.safetensors")
+    assert all(t.numel() > 0 for t in adapter.values())
+    assert_same_tensors(adapter, load_file(one / "final" / "adapter_model.safetensors"), atol=1e-5)
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), two / "final")
+    # Rank 0 evaluated the gathered model (a ZeRO-3 shard alone cannot generate): same answers as one process.
+    generations = lambda run: (run / "eval" / "generations-after.jsonl").read_text()
+    assert json.loads((two / "summary.json").read_text())["eval"]["after"]["n"] == 6
+    assert generations(two) == generations(one)
+
+    # Kill after step 2: keep checkpoint-2 (DeepSpeed's sharded states), lose the rest; resume under ZeRO-3.
+    resumed = tmp_path / "resumed"
+    shutil.copytree(two, resumed)
+    for name in ("final", "summary.json", "checkpoints/checkpoint-4"):
+        shutil.rmtree(resumed / name) if (resumed / name).is_dir() else (resumed / name).unlink()
+    llmtune_train(path, f"train.output_dir={resumed}", "--accelerate-config", "deepspeed_zero3", "--num-processes", "2", "--resume")
+    summary = json.loads((resumed / "summary.json").read_text())
+    assert summary["train"]["resumed_from"].endswith("checkpoint-2")
+    assert losses(resumed) == pytest.approx(losses(two), abs=1e-5)
+    assert_same_tensors(load_file(resumed / "final" / "adapter_model.safetensors"), adapter, atol=1e-6)
+
+
+def test_fsdp2_full_finetune_equals_one_process(make_recipe, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    path = make_recipe(adapter={"kind": "full"}, train={"batch_size": 2, "max_steps": 3, "save_steps": 3, "learning_rate": 1e-3},
+                       eval={"exact_match": {"max_new_tokens": 8}})
+    two = tmp_path / "fsdp2"
+    llmtune_train(path, f"train.output_dir={two}", "--accelerate-config", "fsdp2", "--num-processes", "2")
+    one = one_process(path, "train.batch_size=4", f"train.output_dir={tmp_path / 'one'}").path
+    assert losses(two) == pytest.approx(losses(one), abs=1e-4)
+    # FULL_STATE_DICT: final/ is one plain model gathered from the shards.
+    assert_same_tensors(AutoModelForCausalLM.from_pretrained(two / "final").state_dict(),
+                        AutoModelForCausalLM.from_pretrained(one / "final").state_dict(), atol=1e-4)
+    assert (two / "eval" / "generations-after.jsonl").read_text() == (one / "eval" / "generations-after.jsonl").read_text()
