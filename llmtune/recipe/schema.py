@@ -74,10 +74,55 @@ class DataSection(Section):
     """Fail the run (exit 2) on the first malformed row instead of dropping and reporting it."""
 
 
+class PPOSection(Section):
+    """PPO (ours, on Accelerate): rollouts from the policy, rewards, KL penalty, GAE, clipped updates."""
+
+    reward_model: str | None = None
+    """Folder of a reward model (AutoModelForSequenceClassification, 1 label), e.g. a reward run's final/."""
+    reward_function: str | None = None
+    """Python reward function `package.module:function`, called as fn(prompts=..., completions=...) -> floats
+    (TRL's GRPO convention); its output is added to the reward model's score."""
+    max_new_tokens: int = Field(default=32, gt=0)
+    """Longest sampled response per prompt."""
+    temperature: float = Field(default=1.0, gt=0)
+    """Sampling temperature of the rollouts (log-probabilities are taken at the same temperature)."""
+    mini_batch_size: int = Field(default=4, gt=0)
+    """Responses per PPO update; each rollout batch (train.batch_size prompts) is split into these."""
+    ppo_epochs: int = Field(default=4, gt=0)
+    """Passes over each rollout batch."""
+    gamma: float = Field(default=1.0, ge=0, le=1)
+    """GAE discount."""
+    lam: float = Field(default=0.95, ge=0, le=1)
+    """GAE lambda (bias/variance trade-off of the advantages)."""
+    clip_range: float = Field(default=0.2, gt=0)
+    """Policy ratio clipping: updates move pi/pi_old at most this far from 1 per rollout."""
+    clip_range_value: float = Field(default=0.2, gt=0)
+    """Value clipping around the rollout's values."""
+    vf_coef: float = Field(default=0.1, ge=0)
+    """Weight of the value loss (the value head shares the policy's trunk)."""
+    kl_coef: float = Field(default=0.05, ge=0)
+    """Per-token KL penalty coefficient against the reference (initial value when adaptive)."""
+    kl_target: float | None = Field(default=None, gt=0)
+    """Adaptive KL controller: keep the per-response KL near this value; unset: fixed kl_coef."""
+    kl_horizon: int = Field(default=10000, gt=0)
+    """Adaptive KL controller horizon, in responses."""
+    whiten_rewards: bool = False
+    """Scale the per-token rewards to unit variance per rollout batch before GAE."""
+    missing_eos_penalty: float = Field(default=0.0, ge=0)
+    """Subtracted from the score of a response cut at max_new_tokens without EOS."""
+    overlong_after: int | None = Field(default=None, gt=0)
+    """Responses longer than this many tokens lose overlong_penalty per extra token."""
+    overlong_penalty: float = Field(default=0.0, ge=0)
+    """Penalty per token beyond overlong_after."""
+
+
 class MethodSection(Section):
-    kind: Literal["sft", "classification"] = "sft"
-    """Training method: `sft` (loss on the assistant/completion tokens) or `classification` (a new
-    sequence-classification head on the base; labels and their count come from the data)."""
+    kind: Literal["sft", "classification", "ppo"] = "sft"
+    """Training method: `sft` (loss on the assistant/completion tokens), `classification` (a new
+    sequence-classification head on the base; labels and their count come from the data), or
+    `ppo` (RLHF on prompts: see method.ppo)."""
+    ppo: PPOSection = Field(default_factory=PPOSection)
+    """kind ppo: rollouts, rewards and the PPO update."""
 
 
 class AdapterSection(Section):
