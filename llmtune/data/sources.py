@@ -1,11 +1,12 @@
-"""Read data sources into canonical rows, validating each row and counting every drop by reason.
+"""Read data sources as raw rows, each with where it came from (`file:row`), and fingerprint them.
 
-A canonical row is `{"messages": [{"role", "content"}, ...]}`: prompt/completion rows become one
-user turn and one assistant turn, so one renderer serves every format.
+Local files are read lazily, row by row (JSONL, JSON, CSV, Parquet; globs of them), so a bad row is
+reported with its row number and never stops the others; hub data sets go through `datasets`.
 """
 
 from __future__ import annotations
 
+import csv
 import glob
 import hashlib
 import json
@@ -14,10 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+from llmtune.data.formats import RowError
 from llmtune.errors import UserError
 from llmtune.recipe.schema import DataSource
 
-ROLES = ("system", "user", "assistant")
+FILE_TYPES = (".jsonl", ".json", ".csv", ".parquet")
 
 
 @dataclass
@@ -37,10 +39,6 @@ class DropReport:
 
 
 
-class RowError(ValueError):
-    """A malformed row; the message is the drop reason."""
-
-
 def read_source(source: DataSource, base_dir: Path) -> tuple[Iterator[tuple[str, Any]], str]:
     """Raw rows of one source as (`where`, row) pairs, and the source's content fingerprint."""
     if source.hub is not None:
@@ -48,7 +46,9 @@ def read_source(source: DataSource, base_dir: Path) -> tuple[Iterator[tuple[str,
     files = _local_files(source.path, base_dir)
     digest = hashlib.sha256()
     for f in files:
-        digest.update(f.read_bytes())
+        with f.open("rb") as handle:  # in chunks: a source may be larger than memory
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
     return _read_local(files), "sha256:" + digest.hexdigest()
 
 
@@ -60,33 +60,82 @@ def _local_files(pattern: str, base_dir: Path) -> list[Path]:
     if not files:
         raise UserError(f"data: no file matches {pattern} (relative paths start at the recipe's folder, {base_dir})")
     for f in files:
-        if f.suffix not in (".jsonl", ".json"):
-            raise UserError(f"data: {f}: unsupported file type {f.suffix!r}; use .jsonl or .json")
+        if f.suffix not in FILE_TYPES:
+            raise UserError(f"data: {f}: unsupported file type {f.suffix!r}; use one of {', '.join(FILE_TYPES)}")
     return files
 
 
 def _read_local(files: list[Path]) -> Iterator[tuple[str, Any]]:
+    readers = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet}
     for f in files:
-        if f.suffix == ".json":
+        yield from readers[f.suffix](f)
+
+
+def _read_jsonl(f: Path) -> Iterator[tuple[str, Any]]:
+    with f.open("rb") as handle:
+        for i, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
             try:
-                rows = json.loads(f.read_text())
-            except json.JSONDecodeError as exc:
-                raise UserError(f"data: {f}: not valid JSON ({exc}); a .json source is one list of rows") from None
-            if not isinstance(rows, list):
-                raise UserError(f"data: {f}: a .json source must hold a list of rows")
-            for i, row in enumerate(rows, start=1):
-                yield f"{f.name}:{i}", row
-            continue
-        with f.open("rb") as handle:
-            for i, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
+                yield f"{f.name}:{i}", json.loads(line.decode("utf-8"))
+            except UnicodeDecodeError:
+                yield f"{f.name}:{i}", RowError("undecodable text (not UTF-8)")
+            except json.JSONDecodeError:
+                yield f"{f.name}:{i}", RowError("not valid JSON")
+
+
+def _read_json(f: Path) -> Iterator[tuple[str, Any]]:
+    try:
+        rows = json.loads(f.read_bytes().decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"data: {f}: not valid UTF-8 JSON ({exc}); a .json source is one list of rows "
+                        "(use .jsonl for one row per line)") from None
+    if not isinstance(rows, list):
+        raise UserError(f"data: {f}: a .json source must hold a list of rows")
+    for i, row in enumerate(rows, start=1):
+        yield f"{f.name}:{i}", row
+
+
+def _read_csv(f: Path) -> Iterator[tuple[str, Any]]:
+    """Rows of a CSV file with a header line; `where` is the row's line number (the header is line 1)."""
+    undecodable: set[int] = set()
+
+    def lines():
+        with f.open("rb") as raw:
+            for number, line in enumerate(raw, start=1):
                 try:
-                    yield f"{f.name}:{i}", json.loads(line.decode("utf-8"))
+                    yield line.decode("utf-8")
                 except UnicodeDecodeError:
-                    yield f"{f.name}:{i}", RowError("undecodable text (not UTF-8)")
-                except json.JSONDecodeError:
-                    yield f"{f.name}:{i}", RowError("not valid JSON")
+                    undecodable.add(number)
+                    yield line.decode("utf-8", errors="replace")
+
+    reader = csv.DictReader(lines())
+    try:
+        for row in reader:
+            where = f"{f.name}:{reader.line_num}"
+            if reader.line_num in undecodable:
+                yield where, RowError("undecodable text (not UTF-8)")
+            elif None in row or None in row.values():
+                yield where, RowError("CSV row does not have as many fields as the header")
+            else:
+                yield where, row
+    except csv.Error as exc:
+        raise UserError(f"data: {f}:{reader.line_num}: not valid CSV ({exc})") from None
+
+
+def _read_parquet(f: Path) -> Iterator[tuple[str, Any]]:
+    """Rows of a Parquet file, read one record batch at a time (never the whole file at once)."""
+    import pyarrow.parquet as pq
+
+    try:
+        parquet = pq.ParquetFile(f)
+    except Exception as exc:  # pyarrow raises ArrowInvalid and friends for a damaged file
+        raise UserError(f"data: {f}: not a readable Parquet file ({exc})") from None
+    i = 0
+    for batch in parquet.iter_batches(batch_size=1024):
+        for row in batch.to_pylist():
+            i += 1
+            yield f"{f.name}:{i}", row
 
 
 def _read_hub(source: DataSource) -> tuple[Iterator[tuple[str, Any]], str]:
@@ -101,62 +150,3 @@ def _read_hub(source: DataSource) -> tuple[Iterator[tuple[str, Any]], str]:
         ) from None
     rows = ((f"{source.hub}:{i + 1}", row) for i, row in enumerate(ds))
     return rows, f"hub:{source.hub}@{ds._fingerprint}"
-
-
-def to_canonical(row: Any, source: DataSource) -> list[dict[str, str]] | tuple[str, str]:
-    """One raw row as canonical messages, or (text, label) for classification; RowError says what is wrong."""
-    if isinstance(row, RowError):
-        raise row
-    if not isinstance(row, dict):
-        raise RowError("row is not a JSON object")
-    # Mapped columns win over raw columns that happen to carry a format field's name.
-    row = {k: v for k, v in row.items() if k not in source.columns.values()} | {
-        field: row.get(column) for field, column in source.columns.items()
-    }
-    if source.format == "classification":
-        label = row.get("label")
-        if label is None:
-            raise RowError("missing field 'label'")
-        if not isinstance(label, (str, int)) or isinstance(label, bool):
-            raise RowError("field 'label' is not a string or integer")
-        text = _text(row, "text")
-        if not text.strip():
-            raise RowError("empty text")
-        return text, str(label)
-    return _to_messages(row, source)
-
-
-def _to_messages(row: dict, source: DataSource) -> list[dict[str, str]]:
-    if source.format == "prompt_completion":
-        prompt, completion = _text(row, "prompt"), _text(row, "completion")
-        messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
-    else:
-        messages = row.get("messages")
-        if messages is None:
-            raise RowError("missing field 'messages'")
-        if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
-            raise RowError("'messages' is not a list of {role, content} objects")
-        for m in messages:
-            if m.get("role") not in ROLES:
-                raise RowError(f"unknown role {m.get('role')!r} (expected one of {', '.join(ROLES)})")
-            if not isinstance(m.get("content"), str):
-                raise RowError("a message's 'content' is missing or not a string")
-        messages = [{"role": m["role"], "content": m["content"]} for m in messages]
-    if not any(m["role"] == "assistant" for m in messages):
-        raise RowError("no assistant turn to learn from")
-    if not messages[-1]["content"].strip() or not any(
-        m["content"].strip() for m in messages if m["role"] == "assistant"
-    ):
-        raise RowError("empty response")
-    return messages
-
-
-def _text(row: dict, name: str) -> str:
-    value = row.get(name)
-    if value is None:
-        raise RowError(f"missing field '{name}'")
-    if not isinstance(value, str):
-        raise RowError(f"field '{name}' is not a string")
-    if name == "completion" and not value.strip():
-        raise RowError("empty response")
-    return value

@@ -16,8 +16,18 @@ def train_sft(recipe: Recipe, run: RunDir, model, tokenizer, data, precision: Pr
     """Train `model` in place; returns (trainer, TrainOutput)."""
     from trl import SFTConfig
 
-    args = SFTConfig(**training_arguments(recipe, run, precision), max_length=recipe.data.max_length,
-                     dataset_kwargs={"skip_prepare_dataset": True})
+    cfg = recipe.data
+    args = SFTConfig(
+        **training_arguments(recipe, run, precision),
+        # Rows are already cut to max_length by llmtune.data; TRL refuses a max_length with padding-free batches.
+        max_length=None if cfg.padding_free else cfg.max_length,
+        # Packed rows (llmtune.data.pack) carry seq_lengths; TRL's padding-free collator turns them into
+        # position ids restarting per example and leaves out the attention mask, so attention stays per example.
+        packing=cfg.packing,
+        padding_free=cfg.padding_free,
+        train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
+        dataset_kwargs={"skip_prepare_dataset": True},
+    )
     trainer = _sft_trainer_class()(model=model, args=args, train_dataset=data.train, processing_class=tokenizer,
                                    callbacks=[RunCallback(run, recipe.train.save_total_limit)])
     return trainer, run_trainer(trainer, resume_from)

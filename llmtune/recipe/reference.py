@@ -33,7 +33,7 @@ def _section(model: type[BaseModel], prefix: str, lines: list[str]) -> None:
         if sub is not None and field.annotation is not None:
             nested.append((name, field, sub))
             continue
-        rows.append(f"| `{prefix}{name}` | {_type(field.annotation)} | {_default(field)} | {field.description} |")
+        rows.append(f"| `{prefix}{name}` | {_type(field.annotation)} | {_default(field)} | {' '.join(field.description.split())} |")
     if rows:
         title = [] if prefix else ["### top level", ""]
         lines += [*title, "| key | type | default | meaning |", "|---|---|---|---|", *rows, ""]

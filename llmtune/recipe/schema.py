@@ -36,21 +36,30 @@ class ModelSection(Section):
     """Load the frozen base quantized with bitsandbytes for QLoRA: `4bit` (nf4, double quantization) or `8bit`."""
 
 
+FORMATS = ("messages", "sharegpt", "alpaca", "prompt_completion", "text", "preference", "prompt_only", "classification")
+
+
 class DataSource(Section):
     path: str | None = None
-    """Local JSONL or JSON file (or glob); relative paths are relative to the recipe file."""
+    """Local file or glob: .jsonl, .json (one list of rows), .csv (with a header) or .parquet; relative paths start at the recipe's folder."""
     hub: str | None = None
     """Hub data set id, loaded with `datasets.load_dataset` (needs network or a local HF cache)."""
     config: str | None = None
     """Hub data set configuration name, if it has several."""
     split: str = "train"
-    """Split to read from the source."""
-    format: Literal["messages", "prompt_completion", "classification"] = "messages"
-    """Row layout: `messages` (list of {role, content}), `prompt_completion` (two strings) or `classification` (text, label)."""
+    """Split to read from a hub source (e.g. `test` in data.eval_sources for a named held-out split)."""
+    format: Literal[FORMATS] = "messages"
+    """Row layout: `messages` ({role, content} list), `sharegpt` (conversations of {from, value}), `alpaca`
+    (instruction, input, output), `prompt_completion`, `text` (continued pre-training), `preference` (prompt,
+    chosen, rejected as text or messages; or two full transcripts, hh-rlhf style), `prompt_only` (prompt) or
+    `classification` (text, label)."""
     columns: dict[str, str] = Field(default_factory=dict)
     """Rename source columns to the format's field names, e.g. {prompt: question, completion: answer}."""
     max_samples: int | None = Field(default=None, gt=0)
     """Use at most this many rows of the source (after shuffling)."""
+    weight: float | None = Field(default=None, gt=0)
+    """Mixture weight: with weights on the sources, rows are drawn in these proportions (e.g. 0.7 and 0.3)
+    and the counts drawn are reported; sources without a weight are used whole."""
 
     @model_validator(mode="after")
     def _exactly_one_location(self) -> DataSource:
@@ -61,17 +70,51 @@ class DataSource(Section):
 
 class DataSection(Section):
     sources: list[DataSource] = Field(min_length=1)
-    """Training data: one or more sources, concatenated and shuffled with `train.seed`."""
+    """Training data: one or more sources, concatenated (or mixed by weight) and shuffled with `train.seed`."""
     eval_sources: list[DataSource] = Field(default_factory=list)
     """Held-out data for evaluation; if empty, `eval_fraction` of the training rows is held out."""
     eval_fraction: float = Field(default=0.0, ge=0.0, lt=1.0)
     """Fraction of training rows held out for evaluation when `eval_sources` is empty."""
+    mixture_size: int | None = Field(default=None, gt=0)
+    """Rows drawn in all when sources have weights; unset: as many as the sources allow without repeating a row
+    (larger values repeat rows of the sources that run short, and the report says so)."""
     max_length: int = Field(default=1024, gt=0)
-    """Longest tokenized example kept; longer rows are dropped and counted in the run summary."""
-    chat_template: Literal["model", "none"] = "model"
-    """`model`: render rows with the tokenizer's chat template; `none`: plain prompt + completion + EOS."""
+    """Longest tokenized example kept; longer rows are dropped and counted (`text` rows are cut into pieces instead)."""
+    chat_template: str = "model"
+    """`model` (the tokenizer's own), a named template (`chatml`, `llama3`, `zephyr`), a .jinja file, or `none`
+    (plain prompt + completion + EOS). The template used is saved with the tokenizer in final/."""
+    loss_on: Literal["assistant", "last_turn", "all"] = "assistant"
+    """Tokens that carry loss: every `assistant` turn (with its end-of-turn marker; the completion for
+    prompt/completion rows), the `last_turn` only, or `all` tokens including prompts."""
+    packing: bool = False
+    """Pack several examples into each max_length row (best-fit decreasing) with position ids restarting
+    per example, so examples never attend to each other; no padding is computed."""
+    padding_free: bool = False
+    """Without packing: concatenate each batch into one row instead of padding it (same isolation as packing)."""
+    group_by_length: bool = False
+    """Batch examples of similar length together (less padding; the order is still seeded)."""
+    dedup: bool = False
+    """Drop exact duplicate rows (after format conversion), counted in the report."""
+    cache: bool = True
+    """Reuse tokenized data from an earlier run with the same sources, tokenizer, template and settings."""
     strict: bool = False
     """Fail the run (exit 2) on the first malformed row instead of dropping and reporting it."""
+
+    @model_validator(mode="after")
+    def _data_checks(self) -> DataSection:
+        problems = []
+        if self.packing and self.padding_free:
+            problems.append("data.padding_free: packing is already padding-free; set only data.packing")
+        if self.group_by_length and (self.packing or self.padding_free):
+            problems.append("data.group_by_length: has no effect with packing or padding_free; remove it")
+        weighted = [s.weight is not None for s in self.sources]
+        if any(weighted) and not all(weighted):
+            problems.append("data.sources: give every source a weight, or none")
+        if self.mixture_size and not any(weighted):
+            problems.append("data.mixture_size: needs weights on data.sources")
+        if problems:
+            raise ValueError("\n".join(problems))
+        return self
 
 
 class PPOSection(Section):
@@ -307,11 +350,17 @@ class Recipe(Section):
             problems.append(f"model.quantization: a quantized base trains through LoRA adapters only (QLoRA), "
                             f"not adapter kind {self.adapter.kind}; set adapter.kind: lora or model.quantization: none")
         classification = self.method.kind == "classification"
+        formats = METHOD_FORMATS[self.method.kind]
         for where, sources in (("data.sources", self.data.sources), ("data.eval_sources", self.data.eval_sources)):
             for i, source in enumerate(sources):
-                if (source.format == "classification") != classification:
-                    problems.append(f"{where}[{i}].format: method.kind {self.method.kind} "
-                                    f"{'needs' if classification else 'cannot use'} format classification")
+                if source.format not in formats:
+                    problems.append(f"{where}[{i}].format: method.kind {self.method.kind} reads "
+                                    f"{' or '.join(formats)} rows, not {source.format}")
+        if (self.data.packing or self.data.padding_free) and self.method.kind != "sft":
+            problems.append(f"data.packing: packing and padding_free apply to sft, not {self.method.kind}; remove them")
+        elif (self.data.packing or self.data.padding_free) and self.adapter.kind in ("prefix", "prompt"):
+            problems.append(f"data.packing: {self.adapter.kind} tuning prepends virtual tokens to each row, which "
+                            "packed examples would share; set data.packing and data.padding_free to false")
         if classification and self.eval.exact_match:
             problems.append("eval.exact_match: scores generated text; classification reports accuracy and macro-F1 by itself; remove it")
         if problems:
@@ -320,3 +369,8 @@ class Recipe(Section):
 
 
 MERGEABLE = ("lora", "ia3")
+# The data formats each method reads (what the data step turns them into must match the trainer).
+METHOD_FORMATS = {
+    "sft": ("messages", "sharegpt", "alpaca", "prompt_completion", "text"),
+    "classification": ("classification",),
+}
