@@ -15,6 +15,10 @@ from llmtune.evaluation.classification import classification_metrics
 from llmtune.evaluation.exact_match import exact_match
 from llmtune.export.merge import export_merged
 from llmtune.methods.classification import train_classification
+from llmtune.methods.dpo import train_dpo
+from llmtune.methods.grpo import train_grpo
+from llmtune.methods.ppo import train_ppo
+from llmtune.methods.reward import train_reward
 from llmtune.methods.sft import train_sft
 from llmtune.models.adapter import apply_adapter, count_parameters
 from llmtune.models.load import (for_trainable_weights, load_causal_lm, load_classifier, load_tokenizer,
@@ -23,7 +27,9 @@ from llmtune.recipe import Recipe
 from llmtune.report import print_summary
 from llmtune.runs import RunDir, is_main_process, now
 
-TRAINERS = {"sft": train_sft, "classification": train_classification}
+TRAINERS = {"sft": train_sft, "classification": train_classification, "reward": train_reward, "dpo": train_dpo,
+            "grpo": train_grpo, "ppo": train_ppo}
+SCORING_HEAD = ("classification", "reward")  # methods that train a new sequence-classification head
 
 
 @dataclass
@@ -32,6 +38,7 @@ class RunResult:
     summary: dict
     model: Any = None  # the trained model, still in memory (None when the run had already completed)
     tokenizer: Any = None
+    trainer: Any = None  # the method's trainer (tests read e.g. PPO's reference model from it)
 
 
 def run_recipe(recipe: Recipe, recipe_dir: Path, resume: bool = False) -> RunResult:
@@ -46,7 +53,7 @@ def run_recipe(recipe: Recipe, recipe_dir: Path, resume: bool = False) -> RunRes
 
     # Model, tokenizer and data
     set_seed(recipe.train.seed)  # a new head and the adapter's initial weights are drawn below
-    whole_weights_train = recipe.adapter.kind in ("full", "freeze") or recipe.method.kind == "classification"
+    whole_weights_train = recipe.adapter.kind in ("full", "freeze") or recipe.method.kind in SCORING_HEAD
     precision = for_trainable_weights(resolve_precision(recipe.model.dtype), whole_weights_train)
     model_path = resolve_model_path(recipe.model.name)
     tokenizer = load_tokenizer(recipe.model, model_path)
@@ -54,6 +61,8 @@ def run_recipe(recipe: Recipe, recipe_dir: Path, resume: bool = False) -> RunRes
     run.write_manifest(recipe, model_path, data.fingerprints, started_at, precision=precision.name)
     if recipe.method.kind == "classification":
         model = load_classifier(recipe.model, model_path, precision, data.label_names, tokenizer.pad_token_id)
+    elif recipe.method.kind == "reward":
+        model = load_classifier(recipe.model, model_path, precision, ["reward"], tokenizer.pad_token_id)
     else:
         model = load_causal_lm(recipe.model, model_path, precision)
     if recipe.model.quantization == "none":
@@ -65,7 +74,7 @@ def run_recipe(recipe: Recipe, recipe_dir: Path, resume: bool = False) -> RunRes
         evaluation["before"] = run.read_json("eval/before.json") or _evaluate(recipe, run, model, tokenizer, data, "before")
 
     # Train
-    model = apply_adapter(model, recipe.adapter, task="SEQ_CLS" if recipe.method.kind == "classification" else "CAUSAL_LM",
+    model = apply_adapter(model, recipe.adapter, task="SEQ_CLS" if recipe.method.kind in SCORING_HEAD else "CAUSAL_LM",
                           tokenizer_path=model_path, gradient_checkpointing=recipe.train.gradient_checkpointing)
     trainable, total = count_parameters(model)
     checkpoint = run.latest_checkpoint() if resume else None
@@ -82,6 +91,7 @@ def run_recipe(recipe: Recipe, recipe_dir: Path, resume: bool = False) -> RunRes
     # Evaluate the trained model
     if _has_evaluation(recipe, data):
         evaluation["after"] = _evaluate(recipe, run, trainer.model, tokenizer, data, "after")
+    evaluation |= _method_evaluation(recipe, run)
     if "before" in evaluation:
         evaluation["delta"] = {k: round(evaluation["after"][k] - evaluation["before"][k], 4)
                                for k in evaluation["after"] if k != "n"}
@@ -121,10 +131,25 @@ def run_recipe(recipe: Recipe, recipe_dir: Path, resume: bool = False) -> RunRes
     run.update_manifest(ended_at=now())
     run.write_summary(summary)
     print_summary(summary)
-    return RunResult(run, summary, trainer.model, tokenizer)
+    return RunResult(run, summary, trainer.model, tokenizer, trainer)
+
+
+def _method_evaluation(recipe: Recipe, run: RunDir) -> dict:
+    """Held-out figures the alignment methods measure during their own run: a reward model's pairwise
+    accuracy and margin; PPO's reward-model score of responses to held-out prompts, before and after."""
+    if recipe.method.kind == "reward" and (after := run.read_json("eval/after.json")):
+        print(f"[llmtune] held-out pairwise accuracy {after['accuracy']:.1%}, mean margin {after['margin']:.3f} of {after['n']} pairs")
+        return {"after": after}
+    if recipe.method.kind == "ppo" and (after := run.read_json("eval/reward_after.json")):
+        before = run.read_json("eval/reward_before.json")
+        print(f"[llmtune] held-out reward {before['reward_mean']:.4f} -> {after['reward_mean']:.4f}, KL to the reference {after['kl']:.3f}")
+        return {"before": before, "after": after}
+    return {}
 
 
 def _has_evaluation(recipe: Recipe, data) -> bool:
+    if recipe.method.kind in ("reward", "dpo", "grpo", "ppo"):
+        return False  # reward and ppo measure themselves (see _method_evaluation)
     if recipe.method.kind == "classification":
         return data.eval is not None
     if recipe.eval.exact_match is not None and not data.eval_rows:

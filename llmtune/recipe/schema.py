@@ -159,13 +159,68 @@ class PPOSection(Section):
     """Penalty per token beyond overlong_after."""
 
 
+class RewardSection(Section):
+    """Reward modelling (TRL's RewardTrainer): a 1-output head scoring prompt + response."""
+
+    center_rewards_coefficient: float | None = Field(default=None, ge=0)
+    """Weight of a penalty on the squared mean score, keeping scores centred on 0 (unset: none)."""
+
+
+class DPOSection(Section):
+    """Direct preference optimisation (TRL's DPOTrainer)."""
+
+    beta: float = Field(default=0.1, gt=0)
+    """Strength of the implicit KL constraint to the reference (lower: further from it)."""
+    loss_type: Literal["sigmoid", "hinge", "ipo", "robust"] = "sigmoid"
+    """DPO loss variant (TRL's names): `sigmoid` is the paper's."""
+    label_smoothing: float = Field(default=0.0, ge=0, lt=0.5)
+    """Assumed share of flipped preference labels (conservative / robust DPO)."""
+
+
+class GRPOSection(Section):
+    """Group relative policy optimisation (TRL's GRPOTrainer) on prompts."""
+
+    reward_functions: list[str] = Field(default_factory=list)
+    """Python reward functions `package.module:function` (fn(prompts=..., completions=..., **columns) -> floats)."""
+    reward_models: list[str] = Field(default_factory=list)
+    """Folders of reward models (1-label sequence classifiers, e.g. a reward run's final/)."""
+    num_generations: int = Field(default=4, ge=2)
+    """Completions sampled per prompt; advantages are relative within each group."""
+    max_new_tokens: int = Field(default=64, gt=0)
+    """Longest sampled completion."""
+    temperature: float = Field(default=1.0, gt=0)
+    """Sampling temperature."""
+    beta: float = Field(default=0.0, ge=0)
+    """KL penalty to the reference (0, TRL's default, skips the reference forward pass)."""
+    clip_range: float = Field(default=0.2, gt=0)
+    """Ratio clipping epsilon."""
+    loss_type: Literal["grpo", "dapo", "dr_grpo", "bnpo"] = "dapo"
+    """Token-loss normalisation (TRL's names)."""
+
+
 class MethodSection(Section):
-    kind: Literal["sft", "classification", "ppo"] = "sft"
+    kind: Literal["sft", "classification", "reward", "dpo", "grpo", "ppo"] = "sft"
     """Training method: `sft` (loss on the assistant/completion tokens), `classification` (a new
-    sequence-classification head on the base; labels and their count come from the data), or
-    `ppo` (RLHF on prompts: see method.ppo)."""
+    sequence-classification head on the base; labels and their count come from the data), `reward`
+    (a reward model on preference pairs), `dpo` (preference pairs), `grpo` or `ppo` (RLHF on prompts)."""
+    reward: RewardSection = Field(default_factory=RewardSection)
+    """kind reward: reward-model training."""
+    dpo: DPOSection = Field(default_factory=DPOSection)
+    """kind dpo: DPO's loss."""
+    grpo: GRPOSection = Field(default_factory=GRPOSection)
+    """kind grpo: rewards, sampling and GRPO's loss."""
     ppo: PPOSection = Field(default_factory=PPOSection)
     """kind ppo: rollouts, rewards and the PPO update."""
+
+    @model_validator(mode="after")
+    def _sections_fit_the_kind(self) -> MethodSection:
+        # As for adapters: a method section changed from its default for another kind is an error.
+        wrong = [f"method.{name}: applies to kind {name} only, not {self.kind}; remove it"
+                 for name in ("reward", "dpo", "grpo", "ppo")
+                 if name != self.kind and getattr(self, name) != type(self).model_fields[name].get_default(call_default_factory=True)]
+        if wrong:
+            raise ValueError("\n".join(wrong))
+        return self
 
 
 class AdapterSection(Section):
@@ -363,9 +418,24 @@ class Recipe(Section):
                             "packed examples would share; set data.packing and data.padding_free to false")
         if classification and self.eval.exact_match:
             problems.append("eval.exact_match: scores generated text; classification reports accuracy and macro-F1 by itself; remove it")
+        problems += self._alignment_checks()
         if problems:
             raise ValueError("\n".join(problems))
         return self
+
+    def _alignment_checks(self) -> list[str]:
+        kind, problems = self.method.kind, []
+        if kind in ("reward", "dpo", "grpo", "ppo") and self.eval.exact_match:
+            problems.append(f"eval.exact_match: scores answers to held-out chat rows; method.kind {kind} reads "
+                            f"{' or '.join(METHOD_FORMATS[kind])} rows; remove it")
+        if kind == "reward" and self.export.merged:
+            problems.append("export.merged: a reward run's final/ is already a merged AutoModelForSequenceClassification; remove it")
+        if kind == "ppo" and self.method.ppo.mini_batch_size > self.train.batch_size:
+            problems.append(f"method.ppo.mini_batch_size: {self.method.ppo.mini_batch_size} is larger than the rollout "
+                            f"batch (train.batch_size={self.train.batch_size}); lower it")
+        if kind == "ppo" and self.train.grad_accum != 1:
+            problems.append("train.grad_accum: PPO takes one optimizer step per mini-batch; set method.ppo.mini_batch_size instead")
+        return problems
 
 
 MERGEABLE = ("lora", "ia3")
@@ -373,4 +443,8 @@ MERGEABLE = ("lora", "ia3")
 METHOD_FORMATS = {
     "sft": ("messages", "sharegpt", "alpaca", "prompt_completion", "text"),
     "classification": ("classification",),
+    "reward": ("preference",),
+    "dpo": ("preference",),
+    "grpo": ("prompt_only", "preference"),  # preference rows give their prompts
+    "ppo": ("prompt_only", "preference"),
 }
