@@ -42,6 +42,8 @@ class RunResult:
 
 
 def run_recipe(recipe: Recipe, recipe_dir: Path, resume: bool = False) -> RunResult:
+    if recipe.stages:
+        return run_stages(recipe, recipe_dir, resume)
     run = RunDir.for_recipe(recipe, resume)
     previous = run.read_json("summary.json") if resume else None
     if previous and previous.get("status") == "completed":
@@ -170,3 +172,61 @@ def _evaluate(recipe: Recipe, run: RunDir, model, tokenizer, data, when: str) ->
     run.write_json(f"eval/{when}.json", result)
     print(f"[llmtune] held-out {line} of {result['n']} {when} training")
     return result
+
+
+# --- multi-stage pipelines -----------------------------------------------------------------------
+
+def run_stages(recipe: Recipe, recipe_dir: Path, resume: bool = False) -> RunResult:
+    """Each stage in order, in its own run directory `<run>/<stage>/`; --resume skips completed stages
+    and resumes the first unfinished one from its newest checkpoint."""
+    run = RunDir.for_recipe(recipe, resume)
+    previous = run.read_json("summary.json") if resume else None
+    if previous and previous.get("status") == "completed":
+        print(f"[llmtune] {run.path} already completed; nothing to resume")
+        return RunResult(run, previous)
+    run.start(recipe, resume)
+    started_at, t0 = now(), time.perf_counter()
+    summaries, result = {}, None
+    for i, stage in enumerate(recipe.stages):
+        stage_dir = run.path / stage.name
+        done = RunDir(stage_dir).read_json("summary.json")
+        if done and done.get("status") == "completed":
+            print(f"[llmtune] stage {i + 1}/{len(recipe.stages)} {stage.name}: already completed, skipped")
+            summaries[stage.name] = done
+            continue
+        print(f"[llmtune] stage {i + 1}/{len(recipe.stages)}: {stage.name}")
+        stage_recipe = recipe.stage_recipe(
+            stage, str(stage_dir),
+            model_name=str(stage_model(run.path / stage.from_stage)) if stage.from_stage else None,
+            reward_model=str(run.path / stage.reward_from_stage / "final") if stage.reward_from_stage else None)
+        result = run_recipe(stage_recipe, recipe_dir, resume=(stage_dir / "recipe.resolved.yaml").is_file())
+        summaries[stage.name] = result.summary
+        if i < len(recipe.stages) - 1:
+            result = None  # free the stage's model before the next one loads
+    summary = {"status": "completed", "recipe": recipe.name, "run_dir": str(run.path),
+               "runtime_s": round(time.perf_counter() - t0, 1), "started_at": started_at,
+               "eval": {name: s.get("eval", {}) for name, s in summaries.items() if s.get("eval")},
+               "stages": summaries}
+    run.write_summary(summary)
+    print(f"[llmtune] pipeline completed: {', '.join(summaries)} in {summary['runtime_s']} s")
+    return RunResult(run, summary, *((result.model, result.tokenizer, result.trainer) if result else ()))
+
+
+def stage_model(stage_dir: Path) -> Path:
+    """The full model an earlier stage produced: its final/, its merged export, or (for an adapter)
+    a merge of final/ into its base, written once to `<stage>/final-merged/`."""
+    final = stage_dir / "final"
+    if not (final / "adapter_config.json").is_file():
+        return final
+    if (stage_dir / "export" / "merged" / "config.json").is_file():
+        return stage_dir / "export" / "merged"
+    merged = stage_dir / "final-merged"
+    if not (merged / "config.json").is_file() and is_main_process():
+        import torch
+        from peft import AutoPeftModelForCausalLM
+        from transformers import AutoTokenizer
+
+        model = AutoPeftModelForCausalLM.from_pretrained(final, dtype=torch.float32).merge_and_unload()
+        model.save_pretrained(merged)
+        AutoTokenizer.from_pretrained(final).save_pretrained(merged)
+    return merged

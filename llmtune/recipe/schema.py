@@ -363,6 +363,30 @@ class LaunchSection(Section):
     """Processes to launch (overrides the accelerate config's own)."""
 
 
+class StageSection(Section):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    """Stage name; also its subdirectory of the run directory."""
+    from_stage: str | None = None
+    """Train the model an earlier stage produced (merged when it is an adapter) instead of model.name."""
+    reward_from_stage: str | None = None
+    """ppo, grpo: score with the reward model an earlier `reward` stage trained."""
+    method: MethodSection | None = None
+    """This stage's method section (replaces the recipe's)."""
+    adapter: AdapterSection | None = None
+    """This stage's adapter section (replaces the recipe's)."""
+    data: DataSection | None = None
+    """This stage's data section (replaces the recipe's)."""
+    train: TrainSection | None = None
+    """This stage's train section (replaces the recipe's; output_dir is always `<run>/<stage name>`)."""
+    eval: EvalSection | None = None
+    """This stage's eval section (replaces the recipe's)."""
+    export: ExportSection | None = None
+    """This stage's export section (replaces the recipe's)."""
+
+
+STAGE_SECTIONS = ("method", "adapter", "data", "train", "eval", "export")
+
+
 class Recipe(Section):
     name: str | None = None
     """Run name used for the default run directory; default: the recipe file's name."""
@@ -384,6 +408,60 @@ class Recipe(Section):
     """Artifacts written after training."""
     launch: LaunchSection = Field(default_factory=LaunchSection)
     """How the run is launched (one process, or several through Accelerate)."""
+    stages: list[StageSection] = Field(default_factory=list)
+    """A multi-stage pipeline (e.g. sft -> reward -> ppo), run in order; empty: one training run.
+    Each stage is this recipe with the sections the stage gives replacing the top-level ones, and
+    writes its own run directory under this run's: `<run>/<stage name>/`."""
+
+    def stage_recipe(self, stage: StageSection, output_dir: str, model_name: str | None = None,
+                     reward_model: str | None = None) -> Recipe:
+        """The full recipe of one stage: sections the stage gives replace this recipe's own; the
+        stage trains `model_name` (an earlier stage's model) and scores with `reward_model` when given."""
+        raw = self.model_dump(exclude={"stages"})
+        raw |= {section: getattr(stage, section).model_dump() for section in STAGE_SECTIONS if getattr(stage, section) is not None}
+        raw["name"] = f"{self.name}-{stage.name}" if self.name else stage.name
+        raw["train"]["output_dir"] = output_dir
+        if model_name:
+            raw["model"]["name"] = model_name
+        if reward_model:
+            kind = raw["method"]["kind"]
+            if kind == "ppo":
+                raw["method"]["ppo"]["reward_model"] = reward_model
+            else:
+                raw["method"]["grpo"]["reward_models"] = [*raw["method"]["grpo"]["reward_models"], reward_model]
+        return Recipe.model_validate(raw)
+
+    def _stage_checks(self) -> list[str]:
+        from pydantic import ValidationError
+
+        from llmtune.recipe.load import format_error
+
+        problems, kinds = [], {}
+        for i, stage in enumerate(self.stages):
+            where = f"stages[{i}]"
+            if stage.name in kinds:
+                problems.append(f"{where}.name: {stage.name!r} is used by an earlier stage; stage names must be unique")
+            for key in ("from_stage", "reward_from_stage"):
+                ref = getattr(stage, key)
+                if ref is not None and ref not in kinds:
+                    problems.append(f"{where}.{key}: {ref!r} is not an earlier stage (earlier: {', '.join(kinds) or 'none'})")
+            try:
+                recipe = self.stage_recipe(stage, f"{where}", reward_model="<stage>" if stage.reward_from_stage else None)
+            except ValidationError as exc:
+                problems += [f"{where}." + line for err in exc.errors() for line in format_error(err).splitlines()]
+                kinds[stage.name] = None
+                continue
+            kind = recipe.method.kind
+            if stage.reward_from_stage and kinds.get(stage.reward_from_stage, "reward") != "reward":
+                problems.append(f"{where}.reward_from_stage: stage {stage.reward_from_stage!r} trains {kinds[stage.reward_from_stage]}, not a reward model")
+            if stage.reward_from_stage and kind not in ("ppo", "grpo"):
+                problems.append(f"{where}.reward_from_stage: only ppo and grpo stages use a reward model, not {kind}")
+            if stage.from_stage and kinds.get(stage.from_stage) in ("reward", "classification") and kind not in ("reward", "classification"):
+                problems.append(f"{where}.from_stage: stage {stage.from_stage!r} trains a scoring head, not a language model")
+            if kind == "ppo" and not (recipe.method.ppo.reward_model or recipe.method.ppo.reward_function):
+                problems.append(f"{where}.method.ppo: needs a reward: reward_from_stage, reward_model or reward_function")
+            kinds[stage.name] = kind
+        return problems
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Recipe:
@@ -419,6 +497,8 @@ class Recipe(Section):
         if classification and self.eval.exact_match:
             problems.append("eval.exact_match: scores generated text; classification reports accuracy and macro-F1 by itself; remove it")
         problems += self._alignment_checks()
+        if self.stages:
+            problems += self._stage_checks()
         if problems:
             raise ValueError("\n".join(problems))
         return self
