@@ -85,3 +85,21 @@ def test_stage_mistakes_name_the_stage_and_key(tmp_path, tiny_model_dir):
     with pytest.raises(UserError) as info:
         load_recipe(path)
     assert info.value.problems == ["stages[0].train.max_stepz: unknown key; did you mean 'max_steps'?"]
+
+
+def test_shipped_rlhf_data_equals_its_generator_and_held_out_prompts_are_unseen(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent / "recipes" / "rlhf"
+    spec = importlib.util.spec_from_file_location("make_rlhf_data", root / "make_data.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.main(out=tmp_path)
+    for name in ("sft", "preference", "prompts", "held_out_prompts"):
+        assert (tmp_path / f"{name}.jsonl").read_text() == (root / "data" / f"{name}.jsonl").read_text()
+    training_text = "".join((tmp_path / f"{n}.jsonl").read_text() for n in ("sft", "preference", "prompts"))
+    for name in module.HELD_OUT_NAMES + module.HELD_OUT_ITEMS:
+        assert name not in training_text
+    held_out = [json.loads(line)["prompt"] for line in (tmp_path / "held_out_prompts.jsonl").read_text().splitlines()]
+    assert all(any(n in p for n in module.HELD_OUT_NAMES) for p in held_out)

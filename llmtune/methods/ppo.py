@@ -131,7 +131,9 @@ class PPOTrainer:
         from accelerate import Accelerator
 
         self.recipe, self.run, self.cfg, self.tokenizer = recipe, run, recipe.method.ppo, tokenizer
-        self.accelerator = Accelerator(cpu=training_device().type == "cpu")
+        # 16-bit autocast as the other methods run it (weights that train in full stay fp32, see for_trainable_weights).
+        self.accelerator = Accelerator(cpu=training_device().type == "cpu",
+                                       mixed_precision="bf16" if precision.bf16 else "fp16" if precision.fp16 else "no")
         self.peft = hasattr(model, "disable_adapter")
         # Whole weights train: the reference is a frozen copy made before the first update.
         self.reference = None if self.peft else copy.deepcopy(model).requires_grad_(False).eval()
@@ -189,6 +191,10 @@ class PPOTrainer:
         return [self.tokenizer.decode(r[m.bool()], skip_special_tokens=True) for r, m in zip(response, response_mask)]
 
     def _forward(self, prompt_ids, prompt_mask, response, response_mask, reference: bool = False):
+        with self.accelerator.autocast():
+            return self._forward_pass(prompt_ids, prompt_mask, response, response_mask, reference)
+
+    def _forward_pass(self, prompt_ids, prompt_mask, response, response_mask, reference: bool):
         input_ids = torch.cat([prompt_ids, response], 1)
         attention_mask = torch.cat([prompt_mask, response_mask], 1)
         if not reference:
