@@ -71,6 +71,7 @@ def test_dpo_under_lora_moves_adapters_only_and_prefers_chosen(tmp_path, tiny_mo
             assert torch.equal(tensor, base[key]), name  # the reference (adapters disabled) never moved
 
 
+@pytest.mark.slow  # CI runs it; a few minutes on a busy 2-core CPU
 def test_grpo_trains_on_a_reward_function(tmp_path, tiny_model_dir):
     recipe, recipe_dir = recipe_for(
         tmp_path, tiny_model_dir,

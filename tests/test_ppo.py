@@ -45,6 +45,7 @@ def ppo_recipe(tmp_path, tiny_model_dir, adapter, steps=12, lr=3e-3, **ppo):
     return load_recipe(path)
 
 
+@pytest.mark.slow  # CI runs it; a few minutes on a busy 2-core CPU
 def test_ppo_raises_a_programmatic_reward_and_keeps_the_reference_frozen(tmp_path, tiny_model_dir):
     recipe, recipe_dir = ppo_recipe(tmp_path, tiny_model_dir, {"kind": "full"})
     result = run_recipe(recipe, recipe_dir)
@@ -86,3 +87,28 @@ def test_ppo_under_lora_uses_the_adapters_disabled_base_as_reference(tmp_path, t
     assert rows[-1]["kl_coef"] != rows[0]["kl_coef"]  # the adaptive controller moved
     adapter = load_file(result.run.path / "final" / "adapter_model.safetensors")
     assert adapter and all("lora_" in k for k in adapter)
+
+
+@pytest.mark.slow  # CI runs it; a few minutes on a busy 2-core CPU
+def test_ppo_resume_from_a_checkpoint_equals_the_uninterrupted_run(tmp_path, tiny_model_dir):
+    import shutil
+
+    recipe, recipe_dir = ppo_recipe(tmp_path, tiny_model_dir, {"kind": "lora", "r": 4, "alpha": 8}, steps=4, lr=3e-2)
+    recipe = recipe.model_copy(update={"train": recipe.train.model_copy(update={"save_steps": 2})})
+    full = run_recipe(recipe, recipe_dir)
+    uninterrupted = full.run.read_metrics()
+    final = load_file(full.run.path / "final" / "adapter_model.safetensors")
+    # Simulate a run killed after step 3: checkpoint-2 is the newest complete one.
+    shutil.rmtree(full.run.path / "checkpoints" / "checkpoint-4")
+    shutil.rmtree(full.run.path / "final")
+    (full.run.path / "summary.json").unlink()
+    with full.run.metrics.open("a") as f:  # a stale row from the lost step
+        f.write(json.dumps({"step": 3, "reward_mean": -1.0}) + "\n")
+    resumed = run_recipe(recipe, recipe_dir, resume=True)
+    rows = resumed.run.read_metrics()
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    drop = ("tokens_per_s", "step_time_s")
+    assert [{k: v for k, v in r.items() if k not in drop} for r in rows] == \
+        [{k: v for k, v in r.items() if k not in drop} for r in uninterrupted]
+    again = load_file(resumed.run.path / "final" / "adapter_model.safetensors")
+    assert all(torch.equal(final[k], again[k]) for k in final)

@@ -39,6 +39,7 @@ def pipeline_recipe(tmp_path, tiny_model_dir, **extra):
     return path
 
 
+@pytest.mark.slow  # CI runs it; a few minutes on a busy 2-core CPU
 def test_pipeline_runs_each_stage_in_its_own_directory_and_resume_skips_completed_ones(tmp_path, tiny_model_dir):
     path = pipeline_recipe(tmp_path, tiny_model_dir)
     result = run_recipe(*load_recipe(path))
