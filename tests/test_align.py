@@ -99,5 +99,6 @@ def test_alignment_recipe_mistakes_name_the_key(tmp_path):
                                     "method": {"kind": "ppo"}, "train": {"batch_size": 2}}))
     with pytest.raises(UserError) as info:
         load_recipe(path)
-    assert [p.split(":")[0] for p in info.value.problems] == ["data.sources[0].format", "method.ppo.mini_batch_size"]
+    assert [p.split(":")[0] for p in info.value.problems] == ["data.sources[0].format", "method.ppo.mini_batch_size", "method.ppo"]
+    assert info.value.problems[2].startswith("method.ppo: needs a reward")
     assert "method.kind ppo reads prompt_only or preference rows, not messages" in info.value.problems[0]

@@ -16,16 +16,15 @@ from llmtune.recipe import Recipe
 from llmtune.runs import RunCallback, RunDir
 
 
-def train_grpo(recipe: Recipe, run: RunDir, model, tokenizer, data, precision: Precision, resume_from: str | None,
-               reward_model: str | None = None):
+def train_grpo(recipe: Recipe, run: RunDir, model, tokenizer, data, precision: Precision, resume_from: str | None):
     """Train `model` in place with GRPO; returns (trainer, TrainOutput)."""
     from trl import GRPOConfig, GRPOTrainer
 
     cfg = recipe.method.grpo
     reward_funcs = [load_function(path, "method.grpo.reward_functions") for path in cfg.reward_functions]
-    reward_funcs += [_reward_model(path, precision) for path in ([reward_model] if reward_model else []) + cfg.reward_models]
+    reward_funcs += [_reward_model(path, precision) for path in cfg.reward_models]
     if not reward_funcs:
-        raise UserError("method.grpo: needs a reward: set reward_functions and/or reward_models (or from_stage)")
+        raise UserError("method.grpo: needs a reward: set reward_functions and/or reward_models (or reward_from_stage in a pipeline)")
     if recipe.train.batch_size % cfg.num_generations:
         raise UserError(f"train.batch_size: GRPO groups train.batch_size completions into groups of "
                         f"method.grpo.num_generations={cfg.num_generations}; make the batch size a multiple of it")

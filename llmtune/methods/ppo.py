@@ -32,6 +32,8 @@ import copy
 import importlib
 import json
 import math
+import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,7 +46,7 @@ from llmtune.methods.ppo_core import (AdaptiveKLController, FixedKLController, e
                                       score_with_penalties, value_loss)
 from llmtune.models.load import Precision, training_device
 from llmtune.recipe import Recipe
-from llmtune.runs import RunDir, is_main_process, write_atomic
+from llmtune.runs import CHECKPOINT_RE, RunDir, is_main_process
 
 
 @dataclass
@@ -126,8 +128,7 @@ def load_function(path: str, key: str):
 
 
 class PPOTrainer:
-    def __init__(self, recipe: Recipe, run: RunDir, model, tokenizer, prompts: list, precision: Precision,
-                 reward_model: str | None = None):
+    def __init__(self, recipe: Recipe, run: RunDir, model, tokenizer, prompts: list, precision: Precision):
         from accelerate import Accelerator
 
         self.recipe, self.run, self.cfg, self.tokenizer = recipe, run, recipe.method.ppo, tokenizer
@@ -138,7 +139,7 @@ class PPOTrainer:
         # Whole weights train: the reference is a frozen copy made before the first update.
         self.reference = None if self.peft else copy.deepcopy(model).requires_grad_(False).eval()
         self.model = model
-        self.scorer = RewardScorer(reward_model or self.cfg.reward_model, self.cfg.reward_function, self.accelerator.device)
+        self.scorer = RewardScorer(self.cfg.reward_model, self.cfg.reward_function, self.accelerator.device)
         self.prompts = [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=True, return_dict=False)
                         for p in prompts]
         self.prompt_messages = list(prompts)
@@ -353,12 +354,7 @@ class PPOTrainer:
         torch.save({"trainable": self._trainable_state(), "optimizer": self.optimizer.state_dict(),
                     "scheduler": self.scheduler.state_dict(), "kl_coef": self.kl_ctl.value, "step": self.step,
                     "generator": self.generator.get_state(), "torch_rng": torch.get_rng_state()}, staged / "ppo_state.pt")
-        import os
-        import shutil
-
-        os.replace(staged, self.run.checkpoints / name)
-        from llmtune.runs import CHECKPOINT_RE
-
+        os.replace(staged, self.run.checkpoints / name)  # only a complete checkpoint gets its final name
         steps = sorted(int(m.group(1)) for p in self.run.checkpoints.iterdir() if (m := CHECKPOINT_RE.match(p.name)))
         for step in steps[: -self.recipe.train.save_total_limit]:
             shutil.rmtree(self.run.checkpoints / f"checkpoint-{step}", ignore_errors=True)
@@ -388,14 +384,13 @@ class PPOTrainer:
                   str(Path(path) / "value_head.safetensors"))
 
 
-def train_ppo(recipe: Recipe, run: RunDir, model, tokenizer, data, precision: Precision, resume_from: str | None,
-              reward_model: str | None = None):
+def train_ppo(recipe: Recipe, run: RunDir, model, tokenizer, data, precision: Precision, resume_from: str | None):
     """Train `model` in place with PPO on the prompts of `data.train`; returns (trainer, PPOOutput)."""
     cfg = recipe.method.ppo
-    if not (reward_model or cfg.reward_model or cfg.reward_function):
+    if not (cfg.reward_model or cfg.reward_function):
         raise UserError("method.ppo: needs a reward: set reward_model (a folder, or from_stage) and/or reward_function")
     tokenizer.padding_side = "left"
-    trainer = PPOTrainer(recipe, run, model, tokenizer, list(data.train["prompt"]), precision, reward_model)
+    trainer = PPOTrainer(recipe, run, model, tokenizer, list(data.train["prompt"]), precision)
     held_out = list(data.eval["prompt"]) if getattr(data, "eval", None) is not None else []
     if held_out and is_main_process():
         before = run.read_json("eval/reward_before.json") or trainer.held_out_reward(held_out, recipe.train.seed, cfg.mini_batch_size)

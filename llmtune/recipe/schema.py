@@ -458,8 +458,6 @@ class Recipe(Section):
                 problems.append(f"{where}.reward_from_stage: only ppo and grpo stages use a reward model, not {kind}")
             if stage.from_stage and kinds.get(stage.from_stage) in ("reward", "classification") and kind not in ("reward", "classification"):
                 problems.append(f"{where}.from_stage: stage {stage.from_stage!r} trains a scoring head, not a language model")
-            if kind == "ppo" and not (recipe.method.ppo.reward_model or recipe.method.ppo.reward_function):
-                problems.append(f"{where}.method.ppo: needs a reward: reward_from_stage, reward_model or reward_function")
             kinds[stage.name] = kind
         return problems
 
@@ -513,6 +511,13 @@ class Recipe(Section):
         if kind == "ppo" and self.method.ppo.mini_batch_size > self.train.batch_size:
             problems.append(f"method.ppo.mini_batch_size: {self.method.ppo.mini_batch_size} is larger than the rollout "
                             f"batch (train.batch_size={self.train.batch_size}); lower it")
+        ppo, grpo = self.method.ppo, self.method.grpo
+        if kind == "ppo" and not (ppo.reward_model or ppo.reward_function) and not self.stages:
+            problems.append("method.ppo: needs a reward: set reward_model (a folder) and/or reward_function "
+                            "(or reward_from_stage in a pipeline stage)")
+        if kind == "grpo" and not (grpo.reward_functions or grpo.reward_models) and not self.stages:
+            problems.append("method.grpo: needs a reward: set reward_functions and/or reward_models "
+                            "(or reward_from_stage in a pipeline stage)")
         if kind == "ppo" and self.train.grad_accum != 1:
             problems.append("train.grad_accum: PPO takes one optimizer step per mini-batch; set method.ppo.mini_batch_size instead")
         return problems
