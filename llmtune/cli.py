@@ -64,6 +64,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue train.output_dir (default: the newest run of this recipe) from its newest complete checkpoint")
     p.set_defaults(func=cmd_train)
 
+    p = verbs.add_parser("data", help="inspect a recipe's data before training",
+                         description="Inspect a recipe's data before training.")
+    data_verbs = p.add_subparsers(title="data verbs", metavar="DATA_VERB")
+    q = data_verbs.add_parser("preview", help="rendered examples with loss tokens marked, lengths, dropped rows",
+                              description="Render the first training examples with the tokens that carry loss "
+                                          "highlighted, a token-length histogram, and rows kept and dropped per reason.")
+    _recipe_args(q)
+    q.add_argument("--n", type=int, default=3, help="examples to show (default 3)")
+    q.add_argument("--json", action="store_true", help="print the preview as JSON instead")
+    q.set_defaults(func=cmd_data_preview)
+    q.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks for input errors too")
+
     p = verbs.add_parser("ls", help="list shipped recipes and built-in models",
                          description="List shipped recipes and built-in models.")
     p.set_defaults(func=cmd_ls)
@@ -99,6 +111,19 @@ def cmd_train(args) -> None:
     from llmtune.pipeline import run_recipe
 
     print(run_recipe(recipe, recipe_dir, resume=args.resume).run.path)
+
+
+def cmd_data_preview(args) -> None:
+    from llmtune.data import prepare_data
+    from llmtune.data.preview import preview, print_preview
+    from llmtune.models.load import load_tokenizer, resolve_model_path
+    from llmtune.recipe import load_recipe
+
+    recipe, recipe_dir = load_recipe(args.recipe, args.overrides)
+    tokenizer = load_tokenizer(recipe.model, resolve_model_path(recipe.model.name))
+    cfg = recipe.data.model_copy(update={"packing": False})  # show examples whole, as they are masked
+    data = prepare_data(cfg, recipe_dir, tokenizer, recipe.train.seed)
+    print_preview(preview(data, tokenizer, args.n, cfg.max_length), args.json)
 
 
 def cmd_ls(args) -> None:

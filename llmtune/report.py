@@ -21,7 +21,8 @@ def print_summary(summary: dict) -> None:
         table.add_row("tokens/s", f"{train['tokens_per_s']:,.0f}")
     table.add_row("wall time", f"{train.get('runtime_s')} s")
     dropped = summary.get("data", {}).get("dropped") or {}
-    table.add_row("rows", f"{summary.get('data', {}).get('train_rows')} train, "
+    data = summary.get("data", {})
+    table.add_row("rows", f"{data.get('train_rows', data.get('rows_streamed'))} train, "
                   f"{sum(d['rows'] for d in dropped.values())} dropped" + "".join(f"\n  {r}: {d['rows']}" for r, d in dropped.items()))
     for metric in evaluation.get("after", {}):
         if metric == "n":

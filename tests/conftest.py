@@ -94,3 +94,9 @@ def make_recipe(tmp_path, tiny_model_dir):
         return path
 
     return make
+
+
+@pytest.fixture(autouse=True)
+def data_cache_in_tmp(tmp_path, monkeypatch):
+    """Each test gets its own tokenized-data cache, so no test reads another's entries."""
+    monkeypatch.setattr("llmtune.data.cache.cache_root", lambda: tmp_path / "llmtune-cache")

@@ -56,3 +56,24 @@ def test_auto_precision_is_fp32_on_cpu():
         pytest.skip("CPU-only check")
     precision = resolve_precision("auto")
     assert precision.dtype == torch.float32 and not precision.bf16
+
+
+def test_data_preview_shows_the_loss_mask_and_drops(make_recipe, tmp_path, capsys):
+    import json
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"messages": [{"role": "user", "content": "Greet Ada."}, {"role": "assistant", "content": "Hello Ada!"}]}\n'
+                   '{not json\n{"messages": []}\n')
+    recipe = make_recipe(data={"sources": [{"path": str(bad)}]})
+    assert main(["data", "preview", str(recipe), "--n", "1", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    [example] = result["examples"]
+    assert [s["loss"] for s in example["segments"]] == [False, True]
+    assert example["segments"][1]["text"] == "Hello Ada!<|im_end|>\n"
+    assert result["stats"]["dropped"]["not valid JSON"]["first"] == ["bad.jsonl:2"]
+    assert sum(b["rows"] for b in result["length_histogram"]) == 1
+    assert main(["data", "preview", str(recipe)]) == 0
+    assert "carry loss" in capsys.readouterr().out
+    # Strict mode turns the first bad row into exit code 2, naming the row.
+    assert main(["data", "preview", str(recipe), "data.strict=true"]) == 2
+    assert "bad.jsonl:2: not valid JSON" in capsys.readouterr().err

@@ -159,3 +159,138 @@ def test_held_out_rows_must_end_on_an_answer(tmp_path, tiny_tokenizer):
                         tmp_path, tiny_tokenizer, seed=0)
     assert len(data.eval_rows) == 1
     assert data.stats["dropped"]["held-out row does not end with a prompt and an assistant answer"]["first"] == ["h.jsonl:1", "h.jsonl:2"]
+
+
+def test_loss_on_last_turn_and_all_tokens(tiny_tokenizer):
+    input_ids, assistant_labels = tokenize_example(MULTI_TURN, tiny_tokenizer, "model")
+    ids_last, last = tokenize_example(MULTI_TURN, tiny_tokenizer, "model", loss_on="last_turn")
+    ids_all, every = tokenize_example(MULTI_TURN, tiny_tokenizer, "model", loss_on="all")
+    assert ids_last == ids_all == input_ids
+    assert every == input_ids
+    second_answer = ids(tiny_tokenizer, "Hello Bruno!<|im_end|>\n")
+    assert [t for t in last if t != IGNORE_INDEX] == second_answer
+    assert last[-len(second_answer):] == second_answer  # the final positions, exactly
+    assert sum(t != IGNORE_INDEX for t in assistant_labels) == len(second_answer) + len(ids(tiny_tokenizer, "Hello Ada!<|im_end|>\n"))
+
+
+def test_named_and_file_chat_templates(tmp_path, tiny_tokenizer):
+    from conftest import CHATML
+
+    path = write_jsonl(tmp_path / "d.jsonl", greeting_rows(3))
+    tiny_tokenizer.chat_template = None
+    data = prepare_data(DataSection(sources=[{"path": str(path)}], chat_template="chatml"), tmp_path, tiny_tokenizer, seed=0)
+    assert tiny_tokenizer.chat_template.startswith("{% for message in messages %}<|im_start|>")
+    assert data.stats["train_rows"] == 3
+    (tmp_path / "mine.jinja").write_text(CHATML)
+    tiny_tokenizer.chat_template = None
+    prepare_data(DataSection(sources=[{"path": str(path)}], chat_template="mine.jinja"), tmp_path, tiny_tokenizer, seed=0)
+    assert tiny_tokenizer.chat_template == CHATML
+    with pytest.raises(UserError, match="llama3 needs the special tokens <|start_header_id|>"):
+        prepare_data(DataSection(sources=[{"path": str(path)}], chat_template="llama3"), tmp_path, tiny_tokenizer, seed=0)
+    with pytest.raises(UserError, match="neither model, none, a named template"):
+        prepare_data(DataSection(sources=[{"path": str(path)}], chat_template="nope.jinja"), tmp_path, tiny_tokenizer, seed=0)
+
+
+def test_weighted_mixture_draws_exact_counts(tmp_path, tiny_tokenizer):
+    write_jsonl(tmp_path / "a.jsonl", [{"prompt": f"a{i}", "completion": "x"} for i in range(100)])
+    write_jsonl(tmp_path / "b.jsonl", [{"prompt": f"b{i}", "completion": "y"} for i in range(100)])
+    sources = [{"path": "a.jsonl", "format": "prompt_completion", "weight": 0.7},
+               {"path": "b.jsonl", "format": "prompt_completion", "weight": 0.3}]
+    data = prepare_data(DataSection(sources=sources), tmp_path, tiny_tokenizer, seed=0)
+    # The largest 70/30 draw that repeats no row: 142 rows (100 / 0.7), split 99 / 43 by largest remainder.
+    assert data.stats["sources"] == {"a.jsonl": {"available": 100, "drawn": 99, "share": 0.6972},
+                                     "b.jsonl": {"available": 100, "drawn": 43, "share": 0.3028}}
+    assert data.stats["train_rows"] == 142
+    data = prepare_data(DataSection(sources=sources, mixture_size=300), tmp_path, tiny_tokenizer, seed=0)
+    assert data.stats["sources"]["a.jsonl"] == {"available": 100, "drawn": 210, "share": 0.7, "repeated_rows": 110}
+    assert data.stats["sources"]["b.jsonl"]["drawn"] == 90
+    prompts = [tiny_tokenizer.decode(i) for i in data.train["input_ids"]]
+    assert sum("a" in p.split("user\n")[1][:1] for p in prompts) == 210
+
+
+def test_exact_dedup_within_training_and_against_held_out(tmp_path, tiny_tokenizer):
+    rows = greeting_rows(4)
+    write_jsonl(tmp_path / "t.jsonl", rows + [rows[0], rows[1]])
+    write_jsonl(tmp_path / "h.jsonl", [rows[2]] + greeting_rows(1, offset=50))
+    cfg = DataSection(sources=[{"path": "t.jsonl"}], eval_sources=[{"path": "h.jsonl"}], dedup=True)
+    data = prepare_data(cfg, tmp_path, tiny_tokenizer, seed=0)
+    assert data.stats["train_rows"] == 4 and data.stats["eval_rows"] == 1
+    assert data.stats["dropped"]["exact duplicate of an earlier training row"]["rows"] == 2
+    assert data.stats["dropped"]["held-out row also in the training rows"]["first"] == ["h.jsonl:1"]
+
+
+def test_tokenized_data_is_cached_by_content_tokenizer_and_settings(tmp_path, tiny_tokenizer):
+    path = write_jsonl(tmp_path / "d.jsonl", greeting_rows(5))
+    cfg = DataSection(sources=[{"path": str(path)}], eval_fraction=0.2)
+    first = prepare_data(cfg, tmp_path, tiny_tokenizer, seed=0)
+    again = prepare_data(cfg, tmp_path, tiny_tokenizer, seed=0)
+    assert "cached" not in first.stats and "cached" in again.stats
+    assert again.train["input_ids"] == first.train["input_ids"] and again.eval_rows == first.eval_rows
+    assert "cached" not in prepare_data(cfg.model_copy(update={"loss_on": "all"}), tmp_path, tiny_tokenizer, seed=0).stats
+    assert "cached" not in prepare_data(cfg, tmp_path, tiny_tokenizer, seed=1).stats
+    write_jsonl(path, greeting_rows(5, offset=1))
+    assert "cached" not in prepare_data(cfg, tmp_path, tiny_tokenizer, seed=0).stats
+    tiny_tokenizer.chat_template = tiny_tokenizer.chat_template.replace("\n", "\n\n")
+    assert "cached" not in prepare_data(cfg, tmp_path, tiny_tokenizer, seed=0).stats
+
+
+def varied_rows(n: int) -> list[dict]:
+    words = "the quick brown fox jumps over a lazy dog".split()
+    return [{"messages": [{"role": "user", "content": " ".join(words[: 1 + i % 9])},
+                          {"role": "assistant", "content": " ".join(words[i % 5:] * (1 + i % 3))}]} for i in range(n)]
+
+
+def per_example_losses(model, input_ids, labels, position_ids=None, seq_lengths=None):
+    """Summed token losses of each example in one (possibly packed) row, by example's input ids."""
+    import torch
+
+    with torch.no_grad():
+        logits = model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits[0]
+    out, start = {}, 0
+    for n in seq_lengths or [input_ids.shape[1]]:
+        seg_logits, seg_labels = logits[start:start + n - 1], labels[0, start + 1:start + n]
+        loss = torch.nn.functional.cross_entropy(seg_logits, seg_labels, ignore_index=IGNORE_INDEX, reduction="sum")
+        out[tuple(input_ids[0, start:start + n].tolist())] = loss.item()
+        start += n
+    return out
+
+
+def test_packed_examples_keep_their_unpacked_losses(tmp_path, tiny_model_dir, tiny_tokenizer):
+    import torch
+    from transformers import AutoModelForCausalLM
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    write_jsonl(tmp_path / "d.jsonl", varied_rows(24))
+    unpacked = prepare_data(DataSection(sources=[{"path": "d.jsonl"}], max_length=64), tmp_path, tiny_tokenizer, seed=0)
+    packed = prepare_data(DataSection(sources=[{"path": "d.jsonl"}], max_length=64, packing=True), tmp_path, tiny_tokenizer, seed=0)
+    assert packed.stats["packing"]["rows"] < len(unpacked.train) and packed.stats["packing"]["fill"] > 0.8
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+
+    alone = {}
+    for row in unpacked.train:
+        alone |= per_example_losses(model, torch.tensor([row["input_ids"]]), torch.tensor([row["labels"]]))
+    collate = DataCollatorForLanguageModeling(pad_token_id=tiny_tokenizer.pad_token_id, padding_free=True)
+    together, leaky = {}, {}
+    for row in packed.train:
+        batch = collate([row])
+        assert "attention_mask" not in batch  # the mask is derived from position ids, per example
+        together |= per_example_losses(model, batch["input_ids"], batch["labels"], batch["position_ids"], row["seq_lengths"])
+        leaky |= per_example_losses(model, batch["input_ids"], batch["labels"], None, row["seq_lengths"])
+    assert together.keys() == alone.keys()
+    assert max(abs(together[k] - alone[k]) for k in alone) < 1e-5
+    # Without position ids restarting per example the examples would see each other: the check can fail.
+    assert max(abs(leaky[k] - alone[k]) for k in alone) > 1e-3
+
+    # The trainer's own loss on all packed rows in one batch is the token mean of the unpacked losses.
+    from trl import SFTConfig
+
+    from llmtune.methods.sft import _sft_trainer_class
+
+    args = SFTConfig(output_dir=str(tmp_path / "out"), use_cpu=True, packing=True, max_length=64, report_to="none",
+                     dataset_kwargs={"skip_prepare_dataset": True})
+    trainer = _sft_trainer_class()(model=model, args=args, train_dataset=packed.train, processing_class=tiny_tokenizer)
+    batch = trainer.data_collator(list(packed.train))
+    with torch.no_grad():
+        loss = trainer.compute_loss(model, batch).item()
+    n_tokens = sum(sum(t != IGNORE_INDEX for t in row["labels"][1:]) for row in unpacked.train)
+    assert abs(loss - sum(alone.values()) / n_tokens) < 1e-5

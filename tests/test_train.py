@@ -131,3 +131,34 @@ def test_gradient_accumulation_equals_the_larger_batch(make_recipe, tmp_path):
     for key in a:
         assert torch.allclose(a[key], b[key], atol=1e-5), key
     assert one.read_metrics()[0]["loss"] == pytest.approx(two.read_metrics()[0]["loss"], abs=1e-5)
+
+
+@pytest.mark.parametrize("batching", [{"packing": True}, {"padding_free": True}, {"group_by_length": True}])
+def test_packed_padding_free_and_length_grouped_training(make_recipe, tmp_path, batching):
+    run = train(make_recipe(data=batching), "train.max_steps=2")
+    summary = json.loads((run.path / "summary.json").read_text())
+    assert summary["train"]["steps"] == 2 and summary["train"]["final_loss"] > 0
+    if batching.get("packing"):
+        packing = summary["data"]["packing"]
+        assert packing["examples"] == 32 and packing["rows"] < 32  # 32 short rows fit in far fewer 64-token rows
+    # The tokenizer in final/ carries the chat template training used.
+    assert json.loads((run.path / "final" / "tokenizer_config.json").read_text()).get("chat_template") or \
+        (run.path / "final" / "chat_template.jinja").is_file()
+
+
+def test_streaming_training_reads_rows_as_it_goes_and_reports_drops(make_recipe, tmp_path):
+    from conftest import greeting_rows, write_jsonl
+
+    rows = greeting_rows(40)
+    rows[3] = "{broken"
+    stream = write_jsonl(tmp_path / "stream.jsonl", rows)
+    run = train(make_recipe(data={"sources": [{"path": str(stream)}], "streaming": True, "shuffle_buffer": 8}),
+                "train.max_steps=3")
+    summary = json.loads((run.path / "summary.json").read_text())
+    assert summary["train"]["steps"] == 3 and summary["data"]["streaming"]
+    assert summary["data"]["rows_streamed"] >= 12 and summary["data"]["dropped"]["not valid JSON"]["first"] == ["stream.jsonl:4"]
+    from llmtune.errors import UserError
+
+    with pytest.raises(UserError, match="stream.jsonl:4: not valid JSON"):
+        train(make_recipe(data={"sources": [{"path": str(stream)}], "streaming": True, "strict": True}),
+              "train.max_steps=3", f"train.output_dir={tmp_path / 'strict'}")

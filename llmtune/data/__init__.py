@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import random
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,12 +39,14 @@ def prepare_data(cfg: DataSection, base_dir: Path, tokenizer, seed: int) -> Prep
         set_chat_template(tokenizer, cfg.chat_template if kind != "text" else "none", base_dir)
     drops = DropReport()
     fingerprints: dict[str, str] = {}
+    if cfg.streaming:
+        return _streamed(cfg, base_dir, tokenizer, seed, drops, fingerprints)
     raw_train = [_read(source, base_dir, cfg, seed, drops, fingerprints) for source in cfg.sources]
     raw_eval = [_read(source, base_dir, cfg, seed, drops, fingerprints) for source in cfg.eval_sources]
 
     cache = TokenizedCache(cfg, fingerprints, tokenizer, seed) if cfg.cache else None
     if cache and (hit := cache.load()):
-        print(f"[llmtune] tokenized data reused from the cache ({cache.path})")
+        print(f"[llmtune] tokenized data reused from the cache ({cache.path})", file=sys.stderr)
         return hit
 
     train_rows, mixture = _mix(raw_train, cfg, seed)
@@ -71,6 +74,45 @@ def prepare_data(cfg: DataSection, base_dir: Path, tokenizer, seed: int) -> Prep
     if cache:
         cache.save(data)
     return data
+
+
+def _streamed(cfg: DataSection, base_dir: Path, tokenizer, seed: int, drops: DropReport, fingerprints: dict) -> PreparedData:
+    """Training rows read, checked and tokenized only as the trainer asks for them, so a source may
+    be larger than memory. Order: the sources one after another through a seeded shuffle buffer.
+    The counts in `stats` grow as rows stream by; the run summary reports their final values."""
+    import datasets
+
+    # "streamed": what was read, which includes rows the trainer peeks at and a last partial batch.
+    stats: dict[str, Any] = {"streaming": True, "rows_streamed": 0, "tokens_streamed": 0, "dropped": {}}
+    fingerprints.update({s.path or s.hub: read_source(s, base_dir, streaming=True)[1] for s in cfg.sources})
+
+    def rows():
+        for source in cfg.sources:
+            used = 0
+            for where, raw in read_source(source, base_dir, streaming=True, fingerprint=False)[0]:
+                if source.max_samples and used >= source.max_samples:
+                    break
+                try:
+                    example = to_canonical(raw, source)
+                except RowError as exc:
+                    _drop(drops, cfg, str(exc), where)
+                    stats["dropped"] = drops.as_dict()
+                    continue
+                pieces = _lm_pieces(example, tokenizer, cfg, drops, where)
+                stats["dropped"] = drops.as_dict()
+                used += bool(pieces)
+                for input_ids, labels in pieces:
+                    stats["rows_streamed"] += 1
+                    stats["tokens_streamed"] += len(input_ids)
+                    yield {"input_ids": input_ids, "labels": labels}
+
+    train = datasets.IterableDataset.from_generator(rows).shuffle(seed=seed, buffer_size=cfg.shuffle_buffer)
+    held_out = [row for source in cfg.eval_sources for row in _read(source, base_dir, cfg, seed, drops, fingerprints)]
+    evaluation = _tokenize_lm([], held_out, tokenizer, cfg, drops)
+    stats["eval_rows"] = evaluation.stats["eval_rows"]
+    stats["dropped"] = drops.as_dict()
+    return PreparedData(train=train, eval_rows=evaluation.eval_rows, eval=evaluation.eval, stats=stats,
+                        fingerprints=fingerprints, kind=data_kind(cfg))
 
 
 def data_kind(cfg: DataSection) -> str:

@@ -29,7 +29,12 @@ class DropReport:
     counts: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     examples: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
 
+    seen: set = field(default_factory=set)
+
     def add(self, reason: str, where: str) -> None:
+        if (reason, where) in self.seen:  # a streamed source can be read more than once; a row counts once
+            return
+        self.seen.add((reason, where))
         self.counts[reason] += 1
         if len(self.examples[reason]) < 5:
             self.examples[reason].append(where)
@@ -39,11 +44,17 @@ class DropReport:
 
 
 
-def read_source(source: DataSource, base_dir: Path) -> tuple[Iterator[tuple[str, Any]], str]:
-    """Raw rows of one source as (`where`, row) pairs, and the source's content fingerprint."""
+def read_source(source: DataSource, base_dir: Path, streaming: bool = False,
+                fingerprint: bool = True) -> tuple[Iterator[tuple[str, Any]], str | None]:
+    """Raw rows of one source as (`where`, row) pairs, and the source's content fingerprint
+    (None when not asked for: hashing reads every byte of the files once more).
+
+    `streaming` matters for hub sources only: local files are always read row by row."""
     if source.hub is not None:
-        return _read_hub(source)
+        return _read_hub(source, streaming)
     files = _local_files(source.path, base_dir)
+    if not fingerprint:
+        return _read_local(files), None
     digest = hashlib.sha256()
     for f in files:
         with f.open("rb") as handle:  # in chunks: a source may be larger than memory
@@ -138,15 +149,17 @@ def _read_parquet(f: Path) -> Iterator[tuple[str, Any]]:
             yield f"{f.name}:{i}", row
 
 
-def _read_hub(source: DataSource) -> tuple[Iterator[tuple[str, Any]], str]:
+def _read_hub(source: DataSource, streaming: bool) -> tuple[Iterator[tuple[str, Any]], str]:
     import datasets
 
     try:
-        ds = datasets.load_dataset(source.hub, source.config, split=source.split)
+        ds = datasets.load_dataset(source.hub, source.config, split=source.split, streaming=streaming)
     except Exception as exc:  # datasets raises many types for "not reachable / not found"
         raise UserError(
             f"data: cannot load hub data set {source.hub!r} (split {source.split!r}): {str(exc).splitlines()[0]}\n"
             "  Without network, use a local file: path: my_data.jsonl"
         ) from None
     rows = ((f"{source.hub}:{i + 1}", row) for i, row in enumerate(ds))
-    return rows, f"hub:{source.hub}@{ds._fingerprint}"
+    # A streamed hub data set has no content hash before it is read; its name and split identify it.
+    fingerprint = f"hub:{source.hub}/{source.config}/{source.split}" if streaming else f"hub:{source.hub}@{ds._fingerprint}"
+    return rows, fingerprint

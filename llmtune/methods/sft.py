@@ -52,6 +52,9 @@ def _sft_trainer_class():
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             if self.args.device.type != "cpu":
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            # As TRL does: with a KV cache in the forward, transformers would not derive the per-example
+            # attention of packed rows from their position ids, and packed examples would see each other.
+            inputs["use_cache"] = False
             return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
 
     return SFTTrainerPlainLossOnCPU

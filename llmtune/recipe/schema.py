@@ -95,6 +95,11 @@ class DataSection(Section):
     """Batch examples of similar length together (less padding; the order is still seeded)."""
     dedup: bool = False
     """Drop exact duplicate rows (after format conversion), counted in the report."""
+    streaming: bool = False
+    """Read, check and tokenize training rows only as training consumes them (sources larger than memory);
+    needs train.max_steps and data.eval_sources; shuffles through a buffer of `shuffle_buffer` rows."""
+    shuffle_buffer: int = Field(default=10_000, gt=0)
+    """streaming: rows held in the seeded shuffle buffer."""
     cache: bool = True
     """Reuse tokenized data from an earlier run with the same sources, tokenizer, template and settings."""
     strict: bool = False
@@ -110,6 +115,13 @@ class DataSection(Section):
         weighted = [s.weight is not None for s in self.sources]
         if any(weighted) and not all(weighted):
             problems.append("data.sources: give every source a weight, or none")
+        if self.streaming:
+            for name in ("eval_fraction", "mixture_size", "dedup", "packing"):
+                if getattr(self, name):
+                    problems.append(f"data.{name}: not available with data.streaming (it needs every row in memory); "
+                                    "remove it" + (" and give data.eval_sources" if name == "eval_fraction" else ""))
+            if any(weighted):
+                problems.append("data.sources: mixture weights are not available with data.streaming; remove them")
         if self.mixture_size and not any(weighted):
             problems.append("data.mixture_size: needs weights on data.sources")
         if problems:
@@ -487,6 +499,10 @@ class Recipe(Section):
                 if source.format not in formats:
                     problems.append(f"{where}[{i}].format: method.kind {self.method.kind} reads "
                                     f"{' or '.join(formats)} rows, not {source.format}")
+        if self.data.streaming and self.method.kind != "sft":
+            problems.append(f"data.streaming: streams sft rows only, not {self.method.kind}; set data.streaming: false")
+        if self.data.streaming and not self.train.max_steps:
+            problems.append("data.streaming: a stream has no known length; set train.max_steps")
         if (self.data.packing or self.data.padding_free) and self.method.kind != "sft":
             problems.append(f"data.packing: packing and padding_free apply to sft, not {self.method.kind}; remove them")
         elif (self.data.packing or self.data.padding_free) and self.adapter.kind in ("prefix", "prompt"):
