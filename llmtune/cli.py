@@ -153,6 +153,11 @@ def cmd_validate(args) -> None:
     from llmtune.recipe import load_recipe
 
     recipe, _ = load_recipe(args.recipe, args.overrides)
+    if recipe.stages:
+        stages = [recipe.stage_recipe(stage, stage.name) for stage in recipe.stages]
+        print(f"{args.recipe}: ok (stages: {' -> '.join(f'{st.name} ({r.method.kind})' for st, r in zip(recipe.stages, stages))} "
+              f"on {recipe.model.name})")
+        return
     print(f"{args.recipe}: ok ({recipe.method.kind} with {recipe.adapter.kind} on {recipe.model.name})")
 
 

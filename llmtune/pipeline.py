@@ -17,6 +17,10 @@ from llmtune.evaluation.exact_match import exact_match
 from llmtune.evaluation.reports import print_tasks
 from llmtune.export.formats import export_model
 from llmtune.methods.classification import train_classification
+from llmtune.methods.dpo import train_dpo
+from llmtune.methods.grpo import train_grpo
+from llmtune.methods.ppo import train_ppo
+from llmtune.methods.reward import train_reward
 from llmtune.methods.sft import train_sft
 from llmtune.models.adapter import apply_adapter, count_parameters
 from llmtune.models.load import (for_trainable_weights, load_causal_lm, load_classifier, load_tokenizer,
@@ -26,7 +30,9 @@ from llmtune.recipe import Recipe
 from llmtune.report import print_summary
 from llmtune.runs import RunDir, is_main_process, now
 
-TRAINERS = {"sft": train_sft, "classification": train_classification}
+TRAINERS = {"sft": train_sft, "classification": train_classification, "reward": train_reward, "dpo": train_dpo,
+            "grpo": train_grpo, "ppo": train_ppo}
+SCORING_HEAD = ("classification", "reward")  # methods that train a new sequence-classification head
 
 
 @dataclass
@@ -35,9 +41,12 @@ class RunResult:
     summary: dict
     model: Any = None  # the trained model, still in memory (None when the run had already completed)
     tokenizer: Any = None
+    trainer: Any = None  # the method's trainer (tests read e.g. PPO's reference model from it)
 
 
 def run_recipe(recipe: Recipe, recipe_dir: Path, resume: bool = False) -> RunResult:
+    if recipe.stages:
+        return run_stages(recipe, recipe_dir, resume)
     run = RunDir.for_recipe(recipe, resume)
     previous = run.read_json("summary.json") if resume else None
     if previous and previous.get("status") == "completed":
@@ -49,7 +58,7 @@ def run_recipe(recipe: Recipe, recipe_dir: Path, resume: bool = False) -> RunRes
 
     # Model, tokenizer and data
     set_seed(recipe.train.seed)  # a new head and the adapter's initial weights are drawn below
-    whole_weights_train = recipe.adapter.kind in ("full", "freeze") or recipe.method.kind == "classification"
+    whole_weights_train = recipe.adapter.kind in ("full", "freeze") or recipe.method.kind in SCORING_HEAD
     precision = for_trainable_weights(resolve_precision(recipe.model.dtype), whole_weights_train)
     model_path = resolve_model_path(recipe.model.name)
     tokenizer = load_tokenizer(recipe.model, model_path)
@@ -57,6 +66,8 @@ def run_recipe(recipe: Recipe, recipe_dir: Path, resume: bool = False) -> RunRes
     run.write_manifest(recipe, model_path, data.fingerprints, started_at, precision=precision.name)
     if recipe.method.kind == "classification":
         model = load_classifier(recipe.model, model_path, precision, data.label_names, tokenizer.pad_token_id)
+    elif recipe.method.kind == "reward":
+        model = load_classifier(recipe.model, model_path, precision, ["reward"], tokenizer.pad_token_id)
     else:
         model = load_causal_lm(recipe.model, model_path, precision)
     if recipe.model.quantization == "none" and not shards_weights():
@@ -71,7 +82,7 @@ def run_recipe(recipe: Recipe, recipe_dir: Path, resume: bool = False) -> RunRes
         tasks["before"] = run.read_json("eval/tasks-before.json") or task_eval.evaluate_stage(recipe, recipe_dir, run, model, tokenizer, data, "before")
 
     # Train
-    model = apply_adapter(model, recipe.adapter, task="SEQ_CLS" if recipe.method.kind == "classification" else "CAUSAL_LM",
+    model = apply_adapter(model, recipe.adapter, task="SEQ_CLS" if recipe.method.kind in SCORING_HEAD else "CAUSAL_LM",
                           tokenizer_path=model_path, gradient_checkpointing=recipe.train.gradient_checkpointing)
     trainable, total = count_parameters(model)
     checkpoint = run.latest_checkpoint() if resume else None
@@ -95,6 +106,7 @@ def run_recipe(recipe: Recipe, recipe_dir: Path, resume: bool = False) -> RunRes
     if _has_evaluation(recipe, data):
         trained = _reload_final(recipe, final, model_path, precision) if shards_weights() else trainer.model
         evaluation["after"] = _evaluate(recipe, run, trained, tokenizer, data, "after")
+    evaluation |= _method_evaluation(recipe, run)
     if "before" in evaluation:
         evaluation["delta"] = {k: round(evaluation["after"][k] - evaluation["before"][k], 4)
                                for k in evaluation["after"] if k != "n"}
@@ -153,7 +165,20 @@ def run_recipe(recipe: Recipe, recipe_dir: Path, resume: bool = False) -> RunRes
         print_tasks(tasks, gates)
     if gates is not None and not gates["passed"]:
         raise GateFailed(gates["failures"])
-    return RunResult(run, summary, trainer.model, tokenizer)
+    return RunResult(run, summary, trainer.model, tokenizer, trainer)
+
+
+def _method_evaluation(recipe: Recipe, run: RunDir) -> dict:
+    """Held-out figures the alignment methods measure during their own run: a reward model's pairwise
+    accuracy and margin; PPO's reward-model score of responses to held-out prompts, before and after."""
+    if recipe.method.kind == "reward" and (after := run.read_json("eval/after.json")):
+        print(f"[llmtune] held-out pairwise accuracy {after['accuracy']:.1%}, mean margin {after['margin']:.3f} of {after['n']} pairs")
+        return {"after": after}
+    if recipe.method.kind == "ppo" and (after := run.read_json("eval/reward_after.json")):
+        before = run.read_json("eval/reward_before.json")
+        print(f"[llmtune] held-out reward {before['reward_mean']:.4f} -> {after['reward_mean']:.4f}, KL to the reference {after['kl']:.3f}")
+        return {"before": before, "after": after}
+    return {}
 
 
 def _reload_final(recipe: Recipe, final: Path, model_path: str, precision):
@@ -174,6 +199,8 @@ def _reload_final(recipe: Recipe, final: Path, model_path: str, precision):
 
 
 def _has_evaluation(recipe: Recipe, data) -> bool:
+    if recipe.method.kind in ("reward", "dpo", "grpo", "ppo"):
+        return False  # reward and ppo measure themselves (see _method_evaluation)
     if recipe.method.kind == "classification":
         return data.eval is not None
     if recipe.eval.exact_match is not None and not data.eval_rows:
@@ -194,3 +221,61 @@ def _evaluate(recipe: Recipe, run: RunDir, model, tokenizer, data, when: str) ->
     run.write_json(f"eval/{when}.json", result)
     print(f"[llmtune] held-out {line} of {result['n']} {when} training")
     return result
+
+
+# --- multi-stage pipelines -----------------------------------------------------------------------
+
+def run_stages(recipe: Recipe, recipe_dir: Path, resume: bool = False) -> RunResult:
+    """Each stage in order, in its own run directory `<run>/<stage>/`; --resume skips completed stages
+    and resumes the first unfinished one from its newest checkpoint."""
+    run = RunDir.for_recipe(recipe, resume)
+    previous = run.read_json("summary.json") if resume else None
+    if previous and previous.get("status") == "completed":
+        print(f"[llmtune] {run.path} already completed; nothing to resume")
+        return RunResult(run, previous)
+    run.start(recipe, resume)
+    started_at, t0 = now(), time.perf_counter()
+    summaries, result = {}, None
+    for i, stage in enumerate(recipe.stages):
+        stage_dir = run.path / stage.name
+        done = RunDir(stage_dir).read_json("summary.json")
+        if done and done.get("status") == "completed":
+            print(f"[llmtune] stage {i + 1}/{len(recipe.stages)} {stage.name}: already completed, skipped")
+            summaries[stage.name] = done
+            continue
+        print(f"[llmtune] stage {i + 1}/{len(recipe.stages)}: {stage.name}")
+        stage_recipe = recipe.stage_recipe(
+            stage, str(stage_dir),
+            model_name=str(stage_model(run.path / stage.from_stage)) if stage.from_stage else None,
+            reward_model=str(run.path / stage.reward_from_stage / "final") if stage.reward_from_stage else None)
+        result = run_recipe(stage_recipe, recipe_dir, resume=(stage_dir / "recipe.resolved.yaml").is_file())
+        summaries[stage.name] = result.summary
+        if i < len(recipe.stages) - 1:
+            result = None  # free the stage's model before the next one loads
+    summary = {"status": "completed", "recipe": recipe.name, "run_dir": str(run.path),
+               "runtime_s": round(time.perf_counter() - t0, 1), "started_at": started_at,
+               "eval": {name: s.get("eval", {}) for name, s in summaries.items() if s.get("eval")},
+               "stages": summaries}
+    run.write_summary(summary)
+    print(f"[llmtune] pipeline completed: {', '.join(summaries)} in {summary['runtime_s']} s")
+    return RunResult(run, summary, *((result.model, result.tokenizer, result.trainer) if result else ()))
+
+
+def stage_model(stage_dir: Path) -> Path:
+    """The full model an earlier stage produced: its final/, its merged export, or (for an adapter)
+    a merge of final/ into its base, written once to `<stage>/final-merged/`."""
+    final = stage_dir / "final"
+    if not (final / "adapter_config.json").is_file():
+        return final
+    if (stage_dir / "export" / "merged" / "config.json").is_file():
+        return stage_dir / "export" / "merged"
+    merged = stage_dir / "final-merged"
+    if not (merged / "config.json").is_file() and is_main_process():
+        import torch
+        from peft import AutoPeftModelForCausalLM
+        from transformers import AutoTokenizer
+
+        model = AutoPeftModelForCausalLM.from_pretrained(final, dtype=torch.float32).merge_and_unload()
+        model.save_pretrained(merged)
+        AutoTokenizer.from_pretrained(final).save_pretrained(merged)
+    return merged

@@ -30,6 +30,10 @@ def _section(model: type[BaseModel], prefix: str, lines: list[str]) -> None:
     rows, nested = [], []
     for name, field in model.model_fields.items():
         sub = _model_in(field.annotation)
+        if sub is not None and prefix and name in Recipe.model_fields and _model_in(Recipe.model_fields[name].annotation) is sub:
+            # A stage's copy of a top-level section: same keys, documented once above.
+            rows.append(f"| `{prefix}{name}` | section \\| null | `null` | {' '.join(field.description.split())} Same keys as `{name}`. |")
+            continue
         if sub is not None and field.annotation is not None:
             nested.append((name, field, sub))
             continue

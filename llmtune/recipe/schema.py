@@ -129,10 +129,110 @@ class DataSection(Section):
         return self
 
 
+class PPOSection(Section):
+    """PPO (ours, on Accelerate): rollouts from the policy, rewards, KL penalty, GAE, clipped updates."""
+
+    reward_model: str | None = None
+    """Folder of a reward model (AutoModelForSequenceClassification, 1 label), e.g. a reward run's final/."""
+    reward_function: str | None = None
+    """Python reward function `package.module:function`, called as fn(prompts=..., completions=...) -> floats
+    (TRL's GRPO convention); its output is added to the reward model's score."""
+    max_new_tokens: int = Field(default=32, gt=0)
+    """Longest sampled response per prompt."""
+    temperature: float = Field(default=1.0, gt=0)
+    """Sampling temperature of the rollouts (log-probabilities are taken at the same temperature)."""
+    mini_batch_size: int = Field(default=4, gt=0)
+    """Responses per PPO update; each rollout batch (train.batch_size prompts) is split into these."""
+    ppo_epochs: int = Field(default=4, gt=0)
+    """Passes over each rollout batch."""
+    gamma: float = Field(default=1.0, ge=0, le=1)
+    """GAE discount."""
+    lam: float = Field(default=0.95, ge=0, le=1)
+    """GAE lambda (bias/variance trade-off of the advantages)."""
+    clip_range: float = Field(default=0.2, gt=0)
+    """Policy ratio clipping: updates move pi/pi_old at most this far from 1 per rollout."""
+    clip_range_value: float = Field(default=0.2, gt=0)
+    """Value clipping around the rollout's values."""
+    vf_coef: float = Field(default=0.1, ge=0)
+    """Weight of the value loss (the value head shares the policy's trunk)."""
+    kl_coef: float = Field(default=0.05, ge=0)
+    """Per-token KL penalty coefficient against the reference (initial value when adaptive)."""
+    kl_target: float | None = Field(default=None, gt=0)
+    """Adaptive KL controller: keep the per-response KL near this value; unset: fixed kl_coef."""
+    kl_horizon: int = Field(default=10000, gt=0)
+    """Adaptive KL controller horizon, in responses."""
+    whiten_rewards: bool = False
+    """Scale the per-token rewards to unit variance per rollout batch before GAE."""
+    missing_eos_penalty: float = Field(default=0.0, ge=0)
+    """Subtracted from the score of a response cut at max_new_tokens without EOS."""
+    overlong_after: int | None = Field(default=None, gt=0)
+    """Responses longer than this many tokens lose overlong_penalty per extra token."""
+    overlong_penalty: float = Field(default=0.0, ge=0)
+    """Penalty per token beyond overlong_after."""
+
+
+class RewardSection(Section):
+    """Reward modelling (TRL's RewardTrainer): a 1-output head scoring prompt + response."""
+
+    center_rewards_coefficient: float | None = Field(default=None, ge=0)
+    """Weight of a penalty on the squared mean score, keeping scores centred on 0 (unset: none)."""
+
+
+class DPOSection(Section):
+    """Direct preference optimisation (TRL's DPOTrainer)."""
+
+    beta: float = Field(default=0.1, gt=0)
+    """Strength of the implicit KL constraint to the reference (lower: further from it)."""
+    loss_type: Literal["sigmoid", "hinge", "ipo", "robust"] = "sigmoid"
+    """DPO loss variant (TRL's names): `sigmoid` is the paper's."""
+    label_smoothing: float = Field(default=0.0, ge=0, lt=0.5)
+    """Assumed share of flipped preference labels (conservative / robust DPO)."""
+
+
+class GRPOSection(Section):
+    """Group relative policy optimisation (TRL's GRPOTrainer) on prompts."""
+
+    reward_functions: list[str] = Field(default_factory=list)
+    """Python reward functions `package.module:function` (fn(prompts=..., completions=..., **columns) -> floats)."""
+    reward_models: list[str] = Field(default_factory=list)
+    """Folders of reward models (1-label sequence classifiers, e.g. a reward run's final/)."""
+    num_generations: int = Field(default=4, ge=2)
+    """Completions sampled per prompt; advantages are relative within each group."""
+    max_new_tokens: int = Field(default=64, gt=0)
+    """Longest sampled completion."""
+    temperature: float = Field(default=1.0, gt=0)
+    """Sampling temperature."""
+    beta: float = Field(default=0.0, ge=0)
+    """KL penalty to the reference (0, TRL's default, skips the reference forward pass)."""
+    clip_range: float = Field(default=0.2, gt=0)
+    """Ratio clipping epsilon."""
+    loss_type: Literal["grpo", "dapo", "dr_grpo", "bnpo"] = "dapo"
+    """Token-loss normalisation (TRL's names)."""
+
+
 class MethodSection(Section):
-    kind: Literal["sft", "classification"] = "sft"
-    """Training method: `sft` (loss on the assistant/completion tokens) or `classification` (a new
-    sequence-classification head on the base; labels and their count come from the data)."""
+    kind: Literal["sft", "classification", "reward", "dpo", "grpo", "ppo"] = "sft"
+    """Training method: `sft` (loss on the assistant/completion tokens), `classification` (a new
+    sequence-classification head on the base; labels and their count come from the data), `reward`
+    (a reward model on preference pairs), `dpo` (preference pairs), `grpo` or `ppo` (RLHF on prompts)."""
+    reward: RewardSection = Field(default_factory=RewardSection)
+    """kind reward: reward-model training."""
+    dpo: DPOSection = Field(default_factory=DPOSection)
+    """kind dpo: DPO's loss."""
+    grpo: GRPOSection = Field(default_factory=GRPOSection)
+    """kind grpo: rewards, sampling and GRPO's loss."""
+    ppo: PPOSection = Field(default_factory=PPOSection)
+    """kind ppo: rollouts, rewards and the PPO update."""
+
+    @model_validator(mode="after")
+    def _sections_fit_the_kind(self) -> MethodSection:
+        # As for adapters: a method section changed from its default for another kind is an error.
+        wrong = [f"method.{name}: applies to kind {name} only, not {self.kind}; remove it"
+                 for name in ("reward", "dpo", "grpo", "ppo")
+                 if name != self.kind and getattr(self, name) != type(self).model_fields[name].get_default(call_default_factory=True)]
+        if wrong:
+            raise ValueError("\n".join(wrong))
+        return self
 
 
 class AdapterSection(Section):
@@ -331,6 +431,30 @@ class LaunchSection(Section):
     """Processes to launch in all; default: one per visible GPU (the config's own count on CPUs); `--num-processes` wins."""
 
 
+class StageSection(Section):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    """Stage name; also its subdirectory of the run directory."""
+    from_stage: str | None = None
+    """Train the model an earlier stage produced (merged when it is an adapter) instead of model.name."""
+    reward_from_stage: str | None = None
+    """ppo, grpo: score with the reward model an earlier `reward` stage trained."""
+    method: MethodSection | None = None
+    """This stage's method section (replaces the recipe's)."""
+    adapter: AdapterSection | None = None
+    """This stage's adapter section (replaces the recipe's)."""
+    data: DataSection | None = None
+    """This stage's data section (replaces the recipe's)."""
+    train: TrainSection | None = None
+    """This stage's train section (replaces the recipe's; output_dir is always `<run>/<stage name>`)."""
+    eval: EvalSection | None = None
+    """This stage's eval section (replaces the recipe's)."""
+    export: ExportSection | None = None
+    """This stage's export section (replaces the recipe's)."""
+
+
+STAGE_SECTIONS = ("method", "adapter", "data", "train", "eval", "export")
+
+
 class Recipe(Section):
     name: str | None = None
     """Run name used for the default run directory; default: the recipe file's name."""
@@ -352,6 +476,58 @@ class Recipe(Section):
     """Artifacts written after training."""
     launch: LaunchSection = Field(default_factory=LaunchSection)
     """How the run is launched (one process, or several through Accelerate)."""
+    stages: list[StageSection] = Field(default_factory=list)
+    """A multi-stage pipeline (e.g. sft -> reward -> ppo), run in order; empty: one training run.
+    Each stage is this recipe with the sections the stage gives replacing the top-level ones, and
+    writes its own run directory under this run's: `<run>/<stage name>/`."""
+
+    def stage_recipe(self, stage: StageSection, output_dir: str, model_name: str | None = None,
+                     reward_model: str | None = None) -> Recipe:
+        """The full recipe of one stage: sections the stage gives replace this recipe's own; the
+        stage trains `model_name` (an earlier stage's model) and scores with `reward_model` when given."""
+        raw = self.model_dump(exclude={"stages"})
+        raw |= {section: getattr(stage, section).model_dump() for section in STAGE_SECTIONS if getattr(stage, section) is not None}
+        raw["name"] = f"{self.name}-{stage.name}" if self.name else stage.name
+        raw["train"]["output_dir"] = output_dir
+        if model_name:
+            raw["model"]["name"] = model_name
+        if reward_model:
+            kind = raw["method"]["kind"]
+            if kind == "ppo":
+                raw["method"]["ppo"]["reward_model"] = reward_model
+            else:
+                raw["method"]["grpo"]["reward_models"] = [*raw["method"]["grpo"]["reward_models"], reward_model]
+        return Recipe.model_validate(raw)
+
+    def _stage_checks(self) -> list[str]:
+        from pydantic import ValidationError
+
+        from llmtune.recipe.load import format_error
+
+        problems, kinds = [], {}
+        for i, stage in enumerate(self.stages):
+            where = f"stages[{i}]"
+            if stage.name in kinds:
+                problems.append(f"{where}.name: {stage.name!r} is used by an earlier stage; stage names must be unique")
+            for key in ("from_stage", "reward_from_stage"):
+                ref = getattr(stage, key)
+                if ref is not None and ref not in kinds:
+                    problems.append(f"{where}.{key}: {ref!r} is not an earlier stage (earlier: {', '.join(kinds) or 'none'})")
+            try:
+                recipe = self.stage_recipe(stage, f"{where}", reward_model="<stage>" if stage.reward_from_stage else None)
+            except ValidationError as exc:
+                problems += [f"{where}." + line for err in exc.errors() for line in format_error(err).splitlines()]
+                kinds[stage.name] = None
+                continue
+            kind = recipe.method.kind
+            if stage.reward_from_stage and kinds.get(stage.reward_from_stage, "reward") != "reward":
+                problems.append(f"{where}.reward_from_stage: stage {stage.reward_from_stage!r} trains {kinds[stage.reward_from_stage]}, not a reward model")
+            if stage.reward_from_stage and kind not in ("ppo", "grpo"):
+                problems.append(f"{where}.reward_from_stage: only ppo and grpo stages use a reward model, not {kind}")
+            if stage.from_stage and kinds.get(stage.from_stage) in ("reward", "classification") and kind not in ("reward", "classification"):
+                problems.append(f"{where}.from_stage: stage {stage.from_stage!r} trains a scoring head, not a language model")
+            kinds[stage.name] = kind
+        return problems
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Recipe:
@@ -399,9 +575,33 @@ class Recipe(Section):
                             "packed examples would share; set data.packing and data.padding_free to false")
         if classification and self.eval.exact_match:
             problems.append("eval.exact_match: scores generated text; classification reports accuracy and macro-F1 by itself; remove it")
+        problems += self._alignment_checks()
+        if self.stages:
+            problems += self._stage_checks()
         if problems:
             raise ValueError("\n".join(problems))
         return self
+
+    def _alignment_checks(self) -> list[str]:
+        kind, problems = self.method.kind, []
+        if kind in ("reward", "dpo", "grpo", "ppo") and self.eval.exact_match:
+            problems.append(f"eval.exact_match: scores answers to held-out chat rows; method.kind {kind} reads "
+                            f"{' or '.join(METHOD_FORMATS[kind])} rows; remove it")
+        if kind == "reward" and self.export.merged:
+            problems.append("export.merged: a reward run's final/ is already a merged AutoModelForSequenceClassification; remove it")
+        if kind == "ppo" and self.method.ppo.mini_batch_size > self.train.batch_size:
+            problems.append(f"method.ppo.mini_batch_size: {self.method.ppo.mini_batch_size} is larger than the rollout "
+                            f"batch (train.batch_size={self.train.batch_size}); lower it")
+        ppo, grpo = self.method.ppo, self.method.grpo
+        if kind == "ppo" and not (ppo.reward_model or ppo.reward_function) and not self.stages:
+            problems.append("method.ppo: needs a reward: set reward_model (a folder) and/or reward_function "
+                            "(or reward_from_stage in a pipeline stage)")
+        if kind == "grpo" and not (grpo.reward_functions or grpo.reward_models) and not self.stages:
+            problems.append("method.grpo: needs a reward: set reward_functions and/or reward_models "
+                            "(or reward_from_stage in a pipeline stage)")
+        if kind == "ppo" and self.train.grad_accum != 1:
+            problems.append("train.grad_accum: PPO takes one optimizer step per mini-batch; set method.ppo.mini_batch_size instead")
+        return problems
 
 
 MERGEABLE = ("lora", "ia3")
@@ -409,4 +609,8 @@ MERGEABLE = ("lora", "ia3")
 METHOD_FORMATS = {
     "sft": ("messages", "sharegpt", "alpaca", "prompt_completion", "text"),
     "classification": ("classification",),
+    "reward": ("preference",),
+    "dpo": ("preference",),
+    "grpo": ("prompt_only", "preference"),  # preference rows give their prompts
+    "ppo": ("prompt_only", "preference"),
 }
