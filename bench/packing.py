@@ -9,9 +9,9 @@ same order, with loss on the answers:
 
 - padding (the plain-library default): batch 8, each batch padded to its longest row;
 - packing: batch 4 rows of up to 1024 tokens, about as many tokens computed per step as the padded
-  batch (TRL's best-fit-decreasing packer, position ids restarting per example, no padding at all).
-  One packed row per step measured ~1.6x slower per token than an 8-row batch on this CPU (small
-  matrix products), which is why the batch shapes are matched on tokens, not on rows.
+  batch (TRL's best-fit-decreasing packer, position ids restarting per example). On CPU (sdpa
+  attention) the rows stay apart (llmtune.data.collate): TRL's padding-free collator would make
+  them one 4096-token sequence with a dense 4096 x 4096 attention, which measured 0.95x here.
 
 Throughput = non-padding tokens / wall time of the steps after `--warmup`. "Loss per token" is the
 token-averaged loss of the *initial* model over the same held-out rows, computed through each
@@ -78,6 +78,7 @@ def heldout_loss_per_token(data: Path, fmt: str, packing: bool, out: Path) -> fl
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
     from llmtune.data import pack, prepare_data
+    from llmtune.data.collate import PackedRowsCollator
     from llmtune.models.builtin import resolve_builtin
     from llmtune.recipe.schema import DataSection
 
@@ -85,14 +86,15 @@ def heldout_loss_per_token(data: Path, fmt: str, packing: bool, out: Path) -> fl
     tokenizer = AutoTokenizer.from_pretrained(path)
     cfg = DataSection(sources=[{"path": str(data), "format": fmt}], max_length=1024, eval_fraction=0.05)
     held_out = prepare_data(cfg, out, tokenizer, seed=0).eval
-    rows = pack(held_out, 1024)[0] if packing else held_out
-    collate = DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id, padding_free=packing)
+    rows = list(pack(held_out, 1024)[0] if packing else held_out)
+    # What the trainer's collators do: packed rows kept apart on CPU; padded rows with an attention mask.
+    collate = (PackedRowsCollator if packing else DataCollatorForLanguageModeling)(tokenizer.pad_token_id)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    total, n = 0.0, 0
+    total, n, size = 0.0, 0, 4 if packing else 8
     with torch.no_grad():
-        for i in range(0, len(rows), 1 if packing else 8):
-            batch = collate([rows[j] for j in range(i, min(i + (1 if packing else 8), len(rows)))])
-            batch.pop("seq_lengths", None)
+        for i in range(0, len(rows), size):
+            batch = collate([{k: v for k, v in row.items() if k in ("input_ids", "labels", "seq_lengths")}
+                             for row in rows[i:i + size]])
             logits = model(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False).logits
             labels = batch["labels"][:, 1:]
             total += torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels.flatten(), ignore_index=-100,

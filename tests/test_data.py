@@ -4,6 +4,7 @@ import pytest
 
 from conftest import greeting_rows, write_jsonl
 from llmtune.data import prepare_data
+from llmtune.data.collate import PackedRowsCollator
 from llmtune.data.template import IGNORE_INDEX, prompt_text, tokenize_example
 from llmtune.errors import UserError
 from llmtune.recipe.schema import DataSection
@@ -241,17 +242,22 @@ def varied_rows(n: int) -> list[dict]:
 
 
 def per_example_losses(model, input_ids, labels, position_ids=None, seq_lengths=None):
-    """Summed token losses of each example in one (possibly packed) row, by example's input ids."""
+    """Summed token losses of each example in a batch of (possibly packed) rows, by example's input ids.
+
+    `seq_lengths`: the example lengths of each row (padding after them is ignored); None: one example a row.
+    """
     import torch
 
     with torch.no_grad():
-        logits = model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits[0]
-    out, start = {}, 0
-    for n in seq_lengths or [input_ids.shape[1]]:
-        seg_logits, seg_labels = logits[start:start + n - 1], labels[0, start + 1:start + n]
-        loss = torch.nn.functional.cross_entropy(seg_logits, seg_labels, ignore_index=IGNORE_INDEX, reduction="sum")
-        out[tuple(input_ids[0, start:start + n].tolist())] = loss.item()
-        start += n
+        logits = model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits
+    out = {}
+    for row, lengths in enumerate(seq_lengths or [[input_ids.shape[1]]] * input_ids.shape[0]):
+        start = 0
+        for n in lengths:
+            seg_logits, seg_labels = logits[row, start:start + n - 1], labels[row, start + 1:start + n]
+            loss = torch.nn.functional.cross_entropy(seg_logits, seg_labels, ignore_index=IGNORE_INDEX, reduction="sum")
+            out[tuple(input_ids[row, start:start + n].tolist())] = loss.item()
+            start += n
     return out
 
 
@@ -274,12 +280,22 @@ def test_packed_examples_keep_their_unpacked_losses(tmp_path, tiny_model_dir, ti
     for row in packed.train:
         batch = collate([row])
         assert "attention_mask" not in batch  # the mask is derived from position ids, per example
-        together |= per_example_losses(model, batch["input_ids"], batch["labels"], batch["position_ids"], row["seq_lengths"])
-        leaky |= per_example_losses(model, batch["input_ids"], batch["labels"], None, row["seq_lengths"])
+        together |= per_example_losses(model, batch["input_ids"], batch["labels"], batch["position_ids"], [row["seq_lengths"]])
+        leaky |= per_example_losses(model, batch["input_ids"], batch["labels"], None, [row["seq_lengths"]])
     assert together.keys() == alone.keys()
     assert max(abs(together[k] - alone[k]) for k in alone) < 1e-5
     # Without position ids restarting per example the examples would see each other: the check can fail.
     assert max(abs(leaky[k] - alone[k]) for k in alone) > 1e-3
+
+    # sdpa/eager (CPU): all packed rows in one batch, kept apart and padded to the longest, no attention mask.
+    rows = list(packed.train)
+    batch = PackedRowsCollator(tiny_tokenizer.pad_token_id)(rows)
+    assert "attention_mask" not in batch and batch["input_ids"].shape[0] == len(rows)
+    assert (batch["labels"][batch["position_ids"] == 0] == IGNORE_INDEX).all()
+    apart = per_example_losses(model, batch["input_ids"], batch["labels"], batch["position_ids"],
+                               [row["seq_lengths"] for row in rows])
+    assert apart.keys() == alone.keys()
+    assert max(abs(apart[k] - alone[k]) for k in alone) < 1e-5
 
     # The trainer's own loss on all packed rows in one batch is the token mean of the unpacked losses.
     from trl import SFTConfig
@@ -289,8 +305,8 @@ def test_packed_examples_keep_their_unpacked_losses(tmp_path, tiny_model_dir, ti
     args = SFTConfig(output_dir=str(tmp_path / "out"), use_cpu=True, packing=True, max_length=64, report_to="none",
                      dataset_kwargs={"skip_prepare_dataset": True})
     trainer = _sft_trainer_class()(model=model, args=args, train_dataset=packed.train, processing_class=tiny_tokenizer)
-    batch = trainer.data_collator(list(packed.train))
-    with torch.no_grad():
-        loss = trainer.compute_loss(model, batch).item()
     n_tokens = sum(sum(t != IGNORE_INDEX for t in row["labels"][1:]) for row in unpacked.train)
-    assert abs(loss - sum(alone.values()) / n_tokens) < 1e-5
+    for collate in (trainer.data_collator, PackedRowsCollator(tiny_tokenizer.pad_token_id)):  # one sequence; rows apart
+        with torch.no_grad():
+            loss = trainer.compute_loss(model, collate(list(packed.train))).item()
+        assert abs(loss - sum(alone.values()) / n_tokens) < 1e-5

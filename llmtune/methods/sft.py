@@ -6,6 +6,9 @@ preparation is skipped and the mask is exactly the one llmtune's data step built
 
 from __future__ import annotations
 
+import sys
+
+from llmtune.data.collate import PackedRowsCollator, is_varlen_attention
 from llmtune.evaluation.stage import periodic_callbacks
 from llmtune.methods import run_trainer, training_arguments
 from llmtune.models.load import Precision
@@ -18,18 +21,27 @@ def train_sft(recipe: Recipe, run: RunDir, model, tokenizer, data, precision: Pr
     from trl import SFTConfig
 
     cfg = recipe.data
+    # Packed rows (llmtune.data.pack) carry seq_lengths, turned into position ids restarting per example
+    # and no attention mask, so attention stays per example. Flash attention takes the whole batch as one
+    # sequence (TRL's padding-free collator); other kernels keep the rows apart (see llmtune.data.collate).
+    varlen = is_varlen_attention(model)
+    rows_apart = (cfg.packing or cfg.padding_free) and not varlen
     args = SFTConfig(
         **training_arguments(recipe, run, precision),
         # Rows are already cut to max_length by llmtune.data; TRL refuses a max_length with padding-free batches.
         max_length=None if cfg.padding_free else cfg.max_length,
-        # Packed rows (llmtune.data.pack) carry seq_lengths; TRL's padding-free collator turns them into
-        # position ids restarting per example and leaves out the attention mask, so attention stays per example.
-        packing=cfg.packing,
-        padding_free=cfg.padding_free,
+        packing=cfg.packing and varlen,
+        padding_free=cfg.padding_free and varlen,
         train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
         dataset_kwargs={"skip_prepare_dataset": True},
     )
+    if cfg.padding_free and not varlen:
+        print("[llmtune] data.padding_free: the attention kernel is not flash attention, so rows stay apart and "
+              "are padded (one long sequence would cost quadratic attention); set model.attn_implementation: "
+              "flash_attention_2 on a GPU to drop the padding", file=sys.stderr)
+    collator = PackedRowsCollator(tokenizer.pad_token_id) if rows_apart else None
     trainer = _sft_trainer_class()(model=model, args=args, train_dataset=data.train, processing_class=tokenizer,
+                                   data_collator=collator,
                                    callbacks=[RunCallback(run, recipe.train.save_total_limit),
                                               *periodic_callbacks(recipe, run, tokenizer, data)])
     return trainer, run_trainer(trainer, resume_from)
