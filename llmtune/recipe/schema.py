@@ -90,7 +90,8 @@ class DataSection(Section):
     """Pack several examples into each max_length row (best-fit decreasing) with position ids restarting
     per example, so examples never attend to each other; no padding is computed."""
     padding_free: bool = False
-    """Without packing: concatenate each batch into one row instead of padding it (same isolation as packing)."""
+    """Without packing: concatenate each batch into one row instead of padding it (same isolation as packing).
+    Needs `model.attn_implementation: flash_attention_2`; with other kernels rows are padded as usual."""
     group_by_length: bool = False
     """Batch examples of similar length together (less padding; the order is still seeded)."""
     dedup: bool = False
