@@ -133,3 +133,48 @@ def test_fsdp2_full_finetune_equals_one_process(make_recipe, tmp_path):
     assert_same_tensors(AutoModelForCausalLM.from_pretrained(two / "final").state_dict(),
                         AutoModelForCausalLM.from_pretrained(one / "final").state_dict(), atol=1e-4)
     assert (two / "eval" / "generations-after.jsonl").read_text() == (one / "eval" / "generations-after.jsonl").read_text()
+
+
+def recorded_letters_a_to_m(prompts, completions, **kwargs):
+    """test_ppo's reward, recording each call's prompts in $PPO_RECORD/rank-<RANK>.jsonl."""
+    from test_ppo import letters_a_to_m
+
+    with open(Path(os.environ["PPO_RECORD"]) / f"rank-{os.environ.get('RANK', '0')}.jsonl", "a") as f:
+        f.write(json.dumps([p[-1]["content"] for p in prompts]) + "\n")
+    return letters_a_to_m(prompts, completions)
+
+
+def test_ppo_on_two_ranks_shares_out_the_prompts_and_gathers_the_metrics(tmp_path, tiny_model_dir):
+    from test_ppo import ppo_recipe
+
+    ppo_recipe(tmp_path, tiny_model_dir, {"kind": "lora", "r": 8, "alpha": 16}, steps=3, lr=3e-2,
+               reward_function="test_distributed:recorded_letters_a_to_m", kl_target=1.0)
+    record = tmp_path / "record"
+    record.mkdir()
+    config = tmp_path / "ddp_cpu.yaml"
+    config.write_text((ROOT / "accelerate_configs" / "multi_gpu.yaml").read_text().replace("use_cpu: false", "use_cpu: true"))
+    env = os.environ | {"PPO_RECORD": str(record),
+                        "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", config, "--num_processes", "2",
+                          "-m", "llmtune.cli", "train", tmp_path / "ppo.yaml", "train.batch_size=8", "train.save_steps=3"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-6000:]
+
+    # Calls in order on each rank: held-out before, 3 PPO steps, held-out after.
+    calls = [[json.loads(line) for line in (record / f"rank-{r}.jsonl").read_text().splitlines()] for r in (0, 1)]
+    assert len(calls[0]) == len(calls[1]) == 5
+    for mine, theirs in zip(*calls):
+        assert len(mine) == len(theirs) == 8 and not set(mine) & set(theirs)  # each rank its own share
+    for k in (0, 4):
+        assert all(int(p.split("number ")[1].rstrip(".")) >= 100 for p in calls[0][k] + calls[1][k])  # held-out ones
+        assert len(set(calls[0][k] + calls[1][k])) == 16  # all 16 of them, between the two ranks
+
+    run = tmp_path / "run"
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3] and all(r["responses"] == 16 for r in rows)  # the global batch
+    assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-6) and rows[-1]["kl_coef"] != rows[0]["kl_coef"]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["eval"]["before"]["n"] == summary["eval"]["after"]["n"] == 16
+    state = torch.load(run / "checkpoints" / "checkpoint-3" / "ppo_state.pt", weights_only=False)
+    assert len(state["torch_rng"]) == 2 and not torch.equal(*state["torch_rng"])  # each rank's own sampling state
+    assert (run / "final" / "adapter_model.safetensors").is_file()

@@ -2,7 +2,8 @@
 
 One PPO step:
 
-1. rollout: sample a response to each of `train.batch_size` prompts from the current policy;
+1. rollout: sample a response to each of `train.batch_size` prompts from the current policy (per
+   process: with N processes each rank draws its own share of a global batch of N x batch_size);
 2. score: reward model and/or Python reward function, minus the missing-EOS / overlong penalties;
 3. old log-probabilities and values (policy), reference log-probabilities (frozen reference);
 4. per-token rewards = -kl_coef * (log pi - log pi_ref), plus the score on the last token; GAE;
@@ -10,6 +11,11 @@ One PPO step:
 5. `ppo_epochs` passes over shuffled mini-batches of the rollout: clipped policy loss + vf_coef *
    clipped value loss, one optimizer step per mini-batch;
 6. the KL controller sees the measured KL; one row of metrics.jsonl.
+
+Several processes (accelerate launch): the policy is wrapped in DDP, so the gradients of every
+mini-batch are averaged over ranks; advantages are whitened per rank (as TRL's PPO did); the
+metrics and the KL fed to the controller are over the global batch, so every rank's adaptive
+coefficient stays the same. Held-out prompts are shared out between ranks and the scores gathered.
 
 Choices (and why):
 - Value: a scalar linear head on the policy's last hidden state (a shared trunk, as in TRL's
@@ -144,7 +150,12 @@ class PPOTrainer:
                         for p in prompts]
         self.prompt_messages = list(prompts)
         t = recipe.train
-        self.max_steps = t.max_steps or math.ceil(t.epochs * len(prompts) / t.batch_size)
+        self.world, self.rank = self.accelerator.num_processes, self.accelerator.process_index
+        self.global_batch = t.batch_size * self.world
+        if len(prompts) < self.global_batch:
+            raise UserError(f"data.sources: {len(prompts)} prompts, fewer than one PPO batch ({t.batch_size} x "
+                            f"{self.world} process(es)); add prompts or lower train.batch_size")
+        self.max_steps = t.max_steps or math.ceil(t.epochs * len(prompts) / self.global_batch)
         self.wrapped = PolicyWithValueHead(model).to(self.accelerator.device)
         params = [p for p in self.wrapped.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay)
@@ -198,11 +209,13 @@ class PPOTrainer:
     def _forward_pass(self, prompt_ids, prompt_mask, response, response_mask, reference: bool):
         input_ids = torch.cat([prompt_ids, response], 1)
         attention_mask = torch.cat([prompt_mask, response_mask], 1)
+        # Forwards without gradients bypass DDP: nothing to synchronise, and rank 0 may run them alone.
+        module = self.wrapped if torch.is_grad_enabled() else self.accelerator.unwrap_model(self.wrapped)
         if not reference:
-            return self.wrapped(input_ids, attention_mask, response.shape[1], self.cfg.temperature)
+            return module(input_ids, attention_mask, response.shape[1], self.cfg.temperature)
         if self.peft:
             with self.accelerator.unwrap_model(self.wrapped).policy.disable_adapter():
-                logits, _ = self.wrapped(input_ids, attention_mask, response.shape[1], self.cfg.temperature)
+                logits, _ = module(input_ids, attention_mask, response.shape[1], self.cfg.temperature)
             return logits, None
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
         logits = self.reference(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
@@ -263,11 +276,20 @@ class PPOTrainer:
                     for k, v in (pg_stats | vf_stats).items():
                         stats[k].append(v.item())
 
-        kl_per_response = kl.sum(1)
-        self.kl_ctl.update(kl_per_response.mean().item(), n)
+        # Metrics and the KL controller's input over the global batch (identical on every rank).
+        gather = self.accelerator.gather
+        kl_per_response = gather(kl.sum(1))
+        scores, raw_scores, lengths, has_eos = gather(scores), gather(raw_scores), gather(lengths), gather(has_eos.float())
+        # Responses are as long as each rank's longest: pad them to one width (mask 0) before gathering.
+        explained = explained_variance(*(gather(self.accelerator.pad_across_processes(t, dim=1))
+                                         for t in (old_values, returns, fmask)))
+        self.kl_ctl.update(kl_per_response.mean().item(), len(scores))
         elapsed = time.perf_counter() - t0
-        mean = {k: sum(v) / len(v) for k, v in stats.items()}
+        local = torch.tensor([sum(v) / len(v) for v in stats.values()], device=response.device)
+        mean = dict(zip(stats, self.accelerator.reduce(local, "mean").tolist()))
+        n = len(scores)
         return {
+            "responses": n,
             "loss": round(mean["policy_loss"] + cfg.vf_coef * mean["value_loss"], 6),
             "lr": self.scheduler.get_last_lr()[0],
             "reward_mean": round(scores.mean().item(), 5),
@@ -281,10 +303,10 @@ class PPOTrainer:
             "policy_loss": round(mean["policy_loss"], 6),
             "value_loss": round(mean["value_loss"], 6),
             "value_clipfrac": round(mean["value_clipfrac"], 5),
-            "explained_variance": round(explained_variance(old_values, returns, fmask).item(), 5),
+            "explained_variance": round(explained.item(), 5),
             "response_length": round(lengths.float().mean().item(), 2),
             "eos_fraction": round(has_eos.float().mean().item(), 3),
-            "tokens_per_s": round(lengths.sum().item() / elapsed, 1),  # response tokens generated and trained on
+            "tokens_per_s": round(lengths.sum().item() / elapsed, 1),  # response tokens generated and trained on, all ranks
             "step_time_s": round(elapsed, 3),
         }
 
@@ -293,7 +315,7 @@ class PPOTrainer:
 
         if resume_from:
             self._load_checkpoint(Path(resume_from))
-        bs = self.recipe.train.batch_size
+        bs = self.global_batch
         bar = tqdm(total=self.max_steps, initial=self.step, desc="ppo", unit="step", dynamic_ncols=True, disable=not is_main_process())
         order: list[int] = []
         # The prompt order is a function of the seed and the step alone, so a resumed run draws the same batches.
@@ -306,7 +328,7 @@ class PPOTrainer:
             if len(batch) < bs:  # wrap into the next pass over the prompts
                 order = torch.randperm(len(self.prompts), generator=epoch_generator).tolist()
                 batch += order[: bs - len(batch)]
-            row = self.ppo_step(batch)
+            row = self.ppo_step(batch[self.rank::self.world])  # this rank's share of the global batch
             self.step += 1
             if is_main_process() and self.step % self.recipe.train.logging_steps == 0:
                 with self.run.metrics.open("a") as f:
@@ -323,10 +345,14 @@ class PPOTrainer:
     @torch.no_grad()
     def held_out_reward(self, prompts: list[list[dict]], seed: int, batch_size: int) -> dict:
         """Mean score (before penalties) and KL to the reference of responses sampled for `prompts`
-        with a fixed seed: the same draw before and after training."""
+        with a fixed seed: the same draw before and after training. Every rank must call it: each
+        scores its share of the prompts, and the results are gathered."""
+        from accelerate.utils import gather_object
+
         self.wrapped.eval()
-        torch.manual_seed(seed)
-        scores, kls, lengths = [], [], []
+        torch.manual_seed(seed + self.rank)
+        prompts = prompts[self.rank::self.world]
+        scores, kls, lengths = [torch.zeros(0)], [torch.zeros(0)], [torch.zeros(0)]
         for s in range(0, len(prompts), batch_size):
             chunk = prompts[s:s + batch_size]
             ids = [self.tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=True, return_dict=False) for p in chunk]
@@ -336,9 +362,9 @@ class PPOTrainer:
             ref_logits, _ = self._forward(prompt_ids, prompt_mask, response, mask, reference=True)
             kls.append(((logprobs_of(logits, response) - logprobs_of(ref_logits, response)) * mask).sum(1).cpu())
             lengths.append(mask.sum(1).float().cpu())
-        scores, kls, lengths = torch.cat(scores), torch.cat(kls), torch.cat(lengths)
+        scores, kls, lengths = (torch.tensor(gather_object(torch.cat(t).tolist())) for t in (scores, kls, lengths))
         return {"reward_mean": round(scores.mean().item(), 5), "reward_std": round(scores.std().item(), 5) if len(scores) > 1 else 0.0,
-                "kl": round(kls.mean().item(), 5), "response_length": round(lengths.mean().item(), 2), "n": len(prompts)}
+                "kl": round(kls.mean().item(), 5), "response_length": round(lengths.mean().item(), 2), "n": len(scores)}
 
     # -- checkpoints and final/ --------------------------------------------------------------------
 
@@ -346,6 +372,9 @@ class PPOTrainer:
         return {n: p.detach().cpu().clone() for n, p in self.accelerator.unwrap_model(self.wrapped).named_parameters() if p.requires_grad}
 
     def _save_checkpoint(self) -> None:
+        from accelerate.utils import gather_object
+
+        rng_states = gather_object([torch.get_rng_state()])  # every rank samples its own rollouts
         if not is_main_process():
             return
         name = f"checkpoint-{self.step}"
@@ -353,7 +382,7 @@ class PPOTrainer:
         staged.mkdir(parents=True, exist_ok=True)
         torch.save({"trainable": self._trainable_state(), "optimizer": self.optimizer.state_dict(),
                     "scheduler": self.scheduler.state_dict(), "kl_coef": self.kl_ctl.value, "step": self.step,
-                    "generator": self.generator.get_state(), "torch_rng": torch.get_rng_state()}, staged / "ppo_state.pt")
+                    "generator": self.generator.get_state(), "torch_rng": rng_states}, staged / "ppo_state.pt")
         os.replace(staged, self.run.checkpoints / name)  # only a complete checkpoint gets its final name
         steps = sorted(int(m.group(1)) for p in self.run.checkpoints.iterdir() if (m := CHECKPOINT_RE.match(p.name)))
         for step in steps[: -self.recipe.train.save_total_limit]:
@@ -370,7 +399,8 @@ class PPOTrainer:
         self.kl_ctl.value = state["kl_coef"]
         self.step = state["step"]
         self.generator.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
+        rng = state["torch_rng"]  # one state per rank of the run that saved it
+        torch.set_rng_state(rng[self.rank % len(rng)])
 
     def save_model(self, path: str) -> None:
         """final/: the policy (adapter or full model) as plain transformers/PEFT saves it, plus the value head."""
@@ -392,10 +422,17 @@ def train_ppo(recipe: Recipe, run: RunDir, model, tokenizer, data, precision: Pr
     tokenizer.padding_side = "left"
     trainer = PPOTrainer(recipe, run, model, tokenizer, list(data.train["prompt"]), precision)
     held_out = list(data.eval["prompt"]) if getattr(data, "eval", None) is not None else []
-    if held_out and is_main_process():
-        before = run.read_json("eval/reward_before.json") or trainer.held_out_reward(held_out, recipe.train.seed, cfg.mini_batch_size)
-        run.write_json("eval/reward_before.json", before)
+    if held_out:
+        from accelerate.utils import broadcast_object_list
+
+        # A resumed run keeps its "before" figures; rank 0 reads them and tells the others (all ranks score, or none).
+        before = broadcast_object_list([run.read_json("eval/reward_before.json") if is_main_process() else None])[0]
+        before = before or trainer.held_out_reward(held_out, recipe.train.seed, cfg.mini_batch_size)
+        if is_main_process():
+            run.write_json("eval/reward_before.json", before)
     output = trainer.train(resume_from)
-    if held_out and is_main_process():
-        run.write_json("eval/reward_after.json", trainer.held_out_reward(held_out, recipe.train.seed, cfg.mini_batch_size))
+    if held_out:
+        after = trainer.held_out_reward(held_out, recipe.train.seed, cfg.mini_batch_size)
+        if is_main_process():
+            run.write_json("eval/reward_after.json", after)
     return trainer, output
