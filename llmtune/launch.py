@@ -141,8 +141,13 @@ def relaunch_if_needed(recipe: Recipe, args, recipe_dir: Path | None = None) -> 
         return False
     import torch
 
+    from llmtune.methods.ppo import PPO_SHARDING_ERROR, SHARDING_ENGINES
     from llmtune.models.load import resolve_model_path
 
+    distributed = str(read_accelerate_config(options.config).get("distributed_type", "NO")).upper()
+    kinds = {recipe.method.kind} | {stage.method.kind for stage in recipe.stages if stage.method}
+    if "ppo" in kinds and distributed in SHARDING_ENGINES:
+        raise UserError(PPO_SHARDING_ERROR)
     resolve_model_path(recipe.model.name)  # converts a built-in model once here, not in every process
     gpus = torch.cuda.device_count()
     overrides = list(args.overrides)

@@ -107,6 +107,18 @@ def test_train_cli_reports_a_bad_config_name_with_exit_2(make_recipe):
     assert "--accelerate-config: nope is neither a file nor a shipped accelerate config" in out.stderr
 
 
+def test_ppo_under_a_weight_sharding_engine_is_refused_before_launching(make_recipe, tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "Say hi."}\n')
+    path = make_recipe(data={"sources": [{"path": str(prompts), "format": "prompt_only"}], "eval_sources": []},
+                       method={"kind": "ppo", "ppo": {"reward_function": "m:f"}})
+    for config in ("deepspeed_zero2", "fsdp2"):
+        out = subprocess.run([sys.executable, "-m", "llmtune.cli", "train", str(path), "--accelerate-config", config],
+                             capture_output=True, text=True, cwd=ROOT)
+        assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-3000:]
+        assert "method.kind ppo: runs on one process or DDP" in out.stderr and "launching" not in out.stdout
+
+
 def test_per_rank_seeds_differ_and_rank_0_keeps_the_recipe_seed():
     import torch
 

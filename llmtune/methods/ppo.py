@@ -55,6 +55,13 @@ from llmtune.recipe import Recipe
 from llmtune.runs import CHECKPOINT_RE, RunDir, is_main_process
 
 
+# Rollouts call generate() on the unwrapped policy, which needs whole weights on every rank.
+SHARDING_ENGINES = ("DEEPSPEED", "FSDP")
+PPO_SHARDING_ERROR = ("method.kind ppo: runs on one process or DDP (accelerate_configs/multi_gpu.yaml, "
+                      "multi_node.yaml); DeepSpeed and FSDP shard the weights that rollouts sample from. Use "
+                      "multi_gpu, or LoRA/QLoRA to fit the policy on each GPU")
+
+
 @dataclass
 class PPOOutput:
     global_step: int
@@ -141,6 +148,8 @@ class PPOTrainer:
         # 16-bit autocast as the other methods run it (weights that train in full stay fp32, see for_trainable_weights).
         self.accelerator = Accelerator(cpu=training_device().type == "cpu",
                                        mixed_precision="bf16" if precision.bf16 else "fp16" if precision.fp16 else "no")
+        if self.accelerator.distributed_type.value in SHARDING_ENGINES:
+            raise UserError(PPO_SHARDING_ERROR)
         self.peft = hasattr(model, "disable_adapter")
         # Whole weights train: the reference is a frozen copy made before the first update.
         self.reference = None if self.peft else copy.deepcopy(model).requires_grad_(False).eval()
