@@ -1,7 +1,7 @@
 """A reward model on real preference pairs: Anthropic hh-rlhf (harmless-base test split), held-out
 pairwise accuracy against chance (50%). Manual check only: reads /work/shared/data when present.
 
-    python bench/reward_real_data.py [--train 600] [--test 300] [--steps 75] [--out /tmp/reward-hh]
+    python bench/reward_real_data.py [--train 1500] [--test 700] [--steps 120] [--max-length 192] [--out DIR]
 
 The pairs are full "\\n\\nHuman: ... \\n\\nAssistant: ..." transcripts; llmtune's `preference` format
 splits them at the last assistant turn. Held-out pairs are disjoint from the training pairs (the
@@ -23,10 +23,10 @@ DATA = Path("/work/shared/data/preference/harmless-base_test.jsonl.gz")
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--train", type=int, default=600)
-    parser.add_argument("--test", type=int, default=300)
-    parser.add_argument("--steps", type=int, default=75)
-    parser.add_argument("--max-length", type=int, default=256)
+    parser.add_argument("--train", type=int, default=1500)
+    parser.add_argument("--test", type=int, default=700)
+    parser.add_argument("--steps", type=int, default=120)
+    parser.add_argument("--max-length", type=int, default=192)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     if not DATA.is_file():
