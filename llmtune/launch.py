@@ -176,7 +176,12 @@ def agree_on_run_dir(recipe: Recipe, resume: bool) -> str | None:
     from accelerate import PartialState
     from accelerate.utils import broadcast_object_list
 
-    PartialState()  # joins the process group the trainer will use
+    from llmtune.models.load import training_device
+
+    # Joins the process group the trainer will use. On a CPU-only machine the state must be asked for
+    # the CPU explicitly: PartialState() alone is a one-process state there, the broadcast below a
+    # no-op, and ranks would only agree when their clocks read the same second.
+    PartialState(cpu=training_device().type == "cpu")
     chosen = [str(RunDir.for_recipe(recipe, resume).path) if int(os.environ.get("RANK", "0")) == 0 else None]
     broadcast_object_list(chosen, from_process=0)
     return chosen[0]

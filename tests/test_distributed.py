@@ -74,6 +74,29 @@ def test_ddp_under_the_users_own_accelerate_launch_equals_one_process(make_recip
     assert {"rng_state_0.pth", "rng_state_1.pth"} <= {p.name for p in (two / "checkpoints" / "checkpoint-2").iterdir()}
 
 
+AGREE = """
+import os, sys, time
+from llmtune.launch import agree_on_run_dir
+from llmtune.recipe import load_recipe
+recipe, _ = load_recipe(sys.argv[1], [])
+time.sleep(1.5 * int(os.environ["RANK"]))  # the ranks' clocks now read different seconds
+print("agreed", os.environ["RANK"], agree_on_run_dir(recipe, resume=False), flush=True)
+"""
+
+
+def test_ranks_agree_on_the_run_directory_even_when_they_start_seconds_apart(make_recipe, tmp_path):
+    path = make_recipe(train={"output_dir": None})
+    (tmp_path / "agree.py").write_text(AGREE)
+    config = tmp_path / "ddp_cpu.yaml"
+    config.write_text((ROOT / "accelerate_configs" / "multi_gpu.yaml").read_text().replace("use_cpu: false", "use_cpu: true"))
+    env = os.environ | {"PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", config, "--num_processes", "2",
+                          tmp_path / "agree.py", path], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-6000:]
+    chosen = dict(line.split()[1:] for line in out.stdout.splitlines() if line.startswith("agreed"))
+    assert set(chosen) == {"0", "1"} and chosen["0"] == chosen["1"], chosen
+
+
 def test_zero2_full_finetune_equals_one_process_and_final_is_a_plain_model(make_recipe, tmp_path):
     from transformers import AutoModelForCausalLM
 
