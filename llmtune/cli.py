@@ -181,6 +181,22 @@ def cmd_train(args) -> None:
     run = run_recipe(recipe, recipe_dir, resume=args.resume).run
     if is_main_process():  # one line for scripts, not one per rank
         print(run.path)
+    _leave_process_group()
+
+
+def _leave_process_group() -> None:
+    """Close this rank's process group before the interpreter exits (after success only: a rank that
+    failed must not wait on the others here).
+
+    Left to the interpreter's exit, gloo's worker threads can still hold work whose tensors need the
+    GIL while the interpreter is torn down: the rank aborts now and then ("terminate called without an
+    active exception", SIGABRT; pytorch/pytorch#190489), and the launcher kills rank 0 mid-evaluation.
+    Seen once in three full test runs on a loaded CPU (tests/test_distributed.py, PPO on two ranks).
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def cmd_plan(args) -> None:

@@ -81,6 +81,8 @@ from llmtune.recipe import load_recipe
 recipe, _ = load_recipe(sys.argv[1], [])
 time.sleep(1.5 * int(os.environ["RANK"]))  # the ranks' clocks now read different seconds
 print("agreed", os.environ["RANK"], agree_on_run_dir(recipe, resume=False), flush=True)
+import torch.distributed
+torch.distributed.destroy_process_group()
 """
 
 
