@@ -36,6 +36,18 @@ def llmtune_train(*args, cwd=ROOT):
     return out
 
 
+def launch_on_two_cpu_ranks(cwd: Path, *args, env: dict | None = None, pythonpath: tuple = (), timeout: int = 900):
+    """`accelerate launch` of `args` on 2 CPU processes, as a user would: multi_gpu config with use_cpu
+    (accelerate's --cpu flag would start one process only)."""
+    config = cwd / "ddp_cpu.yaml"
+    config.write_text((ROOT / "accelerate_configs" / "multi_gpu.yaml").read_text().replace("use_cpu: false", "use_cpu: true"))
+    env = os.environ | (env or {}) | {"PYTHONPATH": os.pathsep.join([str(ROOT), *pythonpath, os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "--num_processes", "2",
+                          *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert out.returncode == 0, out.stderr[-6000:]
+    return out
+
+
 def losses(run_dir: Path) -> list[float]:
     return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
@@ -51,13 +63,7 @@ def test_ddp_under_the_users_own_accelerate_launch_equals_one_process(make_recip
     path = make_recipe(train={"output_dir": None, "batch_size": 2, "max_steps": 4, "save_steps": 2})
     work = tmp_path / "work"
     work.mkdir()
-    # The user's CPU config: multi_gpu with use_cpu (accelerate's --cpu flag would start one process only).
-    config = work / "ddp_cpu.yaml"
-    config.write_text((ROOT / "accelerate_configs" / "multi_gpu.yaml").read_text().replace("use_cpu: false", "use_cpu: true"))
-    env = os.environ | {"PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    out = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", config, "--num_processes", "2",
-                          "-m", "llmtune.cli", "train", path], cwd=work, env=env, capture_output=True, text=True, timeout=900)
-    assert out.returncode == 0, out.stderr[-6000:]
+    launch_on_two_cpu_ranks(work, "-m", "llmtune.cli", "train", path)
     runs = list((work / "runs").iterdir())
     assert len(runs) == 1, runs  # both ranks wrote into the directory rank 0 named
     two = runs[0]
@@ -89,12 +95,7 @@ torch.distributed.destroy_process_group()
 def test_ranks_agree_on_the_run_directory_even_when_they_start_seconds_apart(make_recipe, tmp_path):
     path = make_recipe(train={"output_dir": None})
     (tmp_path / "agree.py").write_text(AGREE)
-    config = tmp_path / "ddp_cpu.yaml"
-    config.write_text((ROOT / "accelerate_configs" / "multi_gpu.yaml").read_text().replace("use_cpu: false", "use_cpu: true"))
-    env = os.environ | {"PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    out = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", config, "--num_processes", "2",
-                          tmp_path / "agree.py", path], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-6000:]
+    out = launch_on_two_cpu_ranks(tmp_path, tmp_path / "agree.py", path, timeout=300)
     chosen = dict(line.split()[1:] for line in out.stdout.splitlines() if line.startswith("agreed"))
     assert set(chosen) == {"0", "1"} and chosen["0"] == chosen["1"], chosen
 
@@ -176,14 +177,8 @@ def test_ppo_on_two_ranks_shares_out_the_prompts_and_gathers_the_metrics(tmp_pat
                reward_function="test_distributed:recorded_letters_a_to_m", kl_target=1.0)
     record = tmp_path / "record"
     record.mkdir()
-    config = tmp_path / "ddp_cpu.yaml"
-    config.write_text((ROOT / "accelerate_configs" / "multi_gpu.yaml").read_text().replace("use_cpu: false", "use_cpu: true"))
-    env = os.environ | {"PPO_RECORD": str(record),
-                        "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
-    out = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", config, "--num_processes", "2",
-                          "-m", "llmtune.cli", "train", tmp_path / "ppo.yaml", "train.batch_size=8", "train.save_steps=3"],
-                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
-    assert out.returncode == 0, out.stderr[-6000:]
+    launch_on_two_cpu_ranks(tmp_path, "-m", "llmtune.cli", "train", tmp_path / "ppo.yaml", "train.batch_size=8",
+                            "train.save_steps=3", env={"PPO_RECORD": str(record)}, pythonpath=(str(ROOT / "tests"),))
 
     # Calls in order on each rank: held-out before, 3 PPO steps, held-out after.
     calls = [[json.loads(line) for line in (record / f"rank-{r}.jsonl").read_text().splitlines()] for r in (0, 1)]
