@@ -7,6 +7,7 @@ finished but missed an evaluation gate (eval.gates), 1 anything else.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -185,18 +186,30 @@ def cmd_train(args) -> None:
 
 
 def _leave_process_group() -> None:
-    """Close this rank's process group before the interpreter exits (after success only: a rank that
-    failed must not wait on the others here).
+    """End a launched rank after a successful train without the interpreter's teardown (after success
+    only: a rank that failed must not be cut short here).
 
-    Left to the interpreter's exit, gloo's worker threads can still hold work whose tensors need the
-    GIL while the interpreter is torn down: the rank aborts now and then ("terminate called without an
-    active exception", SIGABRT; pytorch/pytorch#190489), and the launcher kills rank 0 mid-evaluation.
-    Seen once in three full test runs on a loaded CPU (tests/test_distributed.py, PPO on two ranks).
+    On CPU (gloo, DeepSpeed's shm collectives) a finished rank aborted now and then while the
+    interpreter tore itself down, after every Python frame had returned and even with the process
+    group destroyed first ("terminate called without an active exception", SIGABRT from a C++
+    destructor; pytorch/pytorch#190489 is the gloo half of it). The launcher then killed rank 0
+    mid-evaluation and the whole run failed: 2 of 5 runs of the ZeRO-3 test under pytest on a 2-core
+    machine. So: close the group, run the Python exit hooks (trackers, loggers) while everything is
+    alive, flush, and leave with os._exit, which skips the C++ destructors.
     """
+    import atexit
+    import logging
+
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    dist.destroy_process_group()
+    atexit._run_exitfuncs()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def cmd_plan(args) -> None:
