@@ -28,9 +28,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             traceback.print_exc()
         print(f"error: {exc}", file=sys.stderr)
+        _tell_the_launching_process(exc)
         return 2
     except GateFailed as exc:
         print(f"error: {exc}", file=sys.stderr)
+        _tell_the_launching_process(exc)
         return 3
     except KeyboardInterrupt:
         print("interrupted; resume with --resume", file=sys.stderr)
@@ -38,6 +40,12 @@ def main(argv: list[str] | None = None) -> int:
     except Exception:
         traceback.print_exc()
         return 1
+
+
+def _tell_the_launching_process(error: Exception) -> None:
+    from llmtune.launch import tell_the_launching_process
+
+    tell_the_launching_process(error)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -198,3 +198,23 @@ def test_ppo_on_two_ranks_shares_out_the_prompts_and_gathers_the_metrics(tmp_pat
     state = torch.load(run / "checkpoints" / "checkpoint-3" / "ppo_state.pt", weights_only=False)
     assert len(state["torch_rng"]) == 2 and not torch.equal(*state["torch_rng"])  # each rank's own sampling state
     assert (run / "final" / "adapter_model.safetensors").is_file()
+
+
+def test_an_input_error_or_failed_gate_on_a_launched_rank_ends_the_launch_with_its_own_message_and_code(make_recipe, tmp_path):
+    """torchrun reports any failed rank as exit 1; `llmtune train` still ends on the rank's message, exit 2 or 3."""
+    launch = ["--accelerate-config", "multi_gpu", "--num-processes", "2"]
+    gated = make_recipe(train={"batch_size": 2, "max_steps": 2, "save_steps": 2},
+                        eval={"perplexity": True, "gates": [{"task": "heldout", "metric": "perplexity", "max": 1.0}]})
+    out = subprocess.run([sys.executable, "-m", "llmtune.cli", "train", gated, f"train.output_dir={tmp_path / 'gated'}", *launch],
+                         cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 3, out.stderr[-3000:]
+    assert out.stderr.strip().splitlines()[-2:][0] == "error: evaluation gate failed:", out.stderr[-3000:]
+    assert "heldout/perplexity = " in out.stderr.strip().splitlines()[-1]
+
+    (tmp_path / "garbage.jsonl").write_text("not json\n{\"also\": \"no prompt\"}\n")
+    broken = make_recipe(data={"sources": [{"path": str(tmp_path / "garbage.jsonl")}]})
+    out = subprocess.run([sys.executable, "-m", "llmtune.cli", "train", broken, f"train.output_dir={tmp_path / 'broken'}", *launch],
+                         cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 2, out.stderr[-3000:]
+    tail = "\n".join(out.stderr.strip().splitlines()[-3:])  # the last thing printed, not torchrun's report
+    assert tail.startswith("error: data.sources: no usable training rows") and "garbage.jsonl:1" in tail, out.stderr[-3000:]

@@ -237,13 +237,15 @@ def test_gates_min_max_and_regression():
     assert check_gates(gates[:1], after)["passed"]
 
 
-def test_gate_needs_a_condition_and_regression_needs_before_after(make_recipe):
+def test_gate_needs_a_condition_a_measured_figure_and_regression_needs_before_after(make_recipe):
     from llmtune.recipe import load_recipe
 
     with pytest.raises(UserError, match="a gate needs min, max or max_regression"):
         load_recipe(make_recipe(eval={"gates": [{"task": "heldout", "metric": "exact_match"}]}), [])
     with pytest.raises(UserError, match="max_regression compares with the base model; set eval.before_after: true"):
-        load_recipe(make_recipe(eval={"gates": [{"task": "heldout", "metric": "perplexity", "max_regression": 0.1}]}), [])
+        load_recipe(make_recipe(eval={"perplexity": True, "gates": [{"task": "heldout", "metric": "perplexity", "max_regression": 0.1}]}), [])
+    with pytest.raises(UserError, match=r"eval.gates\[0\]: heldout/perplexity is not measured by this recipe; add eval.perplexity: true"):
+        load_recipe(make_recipe(eval={"gates": [{"task": "heldout", "metric": "perplexity", "max": 9.0}]}), [])
 
 
 def test_compare_prints_differences(tmp_path, capsys):

@@ -384,6 +384,13 @@ def eval_problems(recipe: Recipe) -> list[str]:
     if recipe.method.kind == "classification" and (e.perplexity or e.every_n_steps or e.sample_prompts or e.suites or e.tasks):
         problems.append("eval: perplexity, every_n_steps, sample_prompts, suites and tasks score language models; "
                         "a classifier reports accuracy and macro-F1 by itself; remove them")
+    # Held-out figures are only measured when asked for; a gate on one that is not would fail the run
+    # after all of its training.
+    measured = {"perplexity": e.perplexity, "exact_match": e.exact_match is not None}
+    for i, gate in enumerate(e.gates):
+        if gate.task == "heldout" and not measured.get(gate.metric, True):
+            fix = "eval.perplexity: true" if gate.metric == "perplexity" else "an eval.exact_match section"
+            problems.append(f"eval.gates[{i}]: heldout/{gate.metric} is not measured by this recipe; add {fix}")
     if any(g.max_regression is not None for g in e.gates) and not e.before_after:
         problems.append("eval.gates: max_regression compares with the base model; set eval.before_after: true")
     return problems
