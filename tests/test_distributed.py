@@ -86,9 +86,11 @@ from llmtune.launch import agree_on_run_dir
 from llmtune.recipe import load_recipe
 recipe, _ = load_recipe(sys.argv[1], [])
 time.sleep(1.5 * int(os.environ["RANK"]))  # the ranks' clocks now read different seconds
-print("agreed", os.environ["RANK"], agree_on_run_dir(recipe, resume=False), flush=True)
-import torch.distributed
-torch.distributed.destroy_process_group()
+# One write per line: the two ranks share one pipe, and print's separate pieces can interleave.
+sys.stdout.write(f"agreed {os.environ['RANK']} {agree_on_run_dir(recipe, resume=False)}\n")
+sys.stdout.flush()
+from llmtune.cli import _leave_process_group
+_leave_process_group()  # as `llmtune train` ends a rank: no C++ teardown that could abort it
 """
 
 
