@@ -87,7 +87,7 @@ from llmtune.recipe import load_recipe
 recipe, _ = load_recipe(sys.argv[1], [])
 time.sleep(1.5 * int(os.environ["RANK"]))  # the ranks' clocks now read different seconds
 # One write per line: the two ranks share one pipe, and print's separate pieces can interleave.
-sys.stdout.write(f"agreed {os.environ['RANK']} {agree_on_run_dir(recipe, resume=False)}\n")
+sys.stdout.write(f"agreed {os.environ['RANK']} {agree_on_run_dir(recipe, resume=False)}\\n")
 sys.stdout.flush()
 from llmtune.cli import _leave_process_group
 _leave_process_group()  # as `llmtune train` ends a rank: no C++ teardown that could abort it
@@ -172,7 +172,7 @@ def recorded_letters_a_to_m(prompts, completions, **kwargs):
     return letters_a_to_m(prompts, completions)
 
 
-def test_ppo_on_two_ranks_shares_out_the_prompts_and_gathers_the_metrics(tmp_path, tiny_model_dir):
+def test_ppo_on_two_ranks_shares_out_the_prompts_gathers_the_metrics_and_resumes_exactly(tmp_path, tiny_model_dir):
     from test_ppo import ppo_recipe
 
     ppo_recipe(tmp_path, tiny_model_dir, {"kind": "lora", "r": 8, "alpha": 16}, steps=3, lr=3e-2,
@@ -180,7 +180,7 @@ def test_ppo_on_two_ranks_shares_out_the_prompts_and_gathers_the_metrics(tmp_pat
     record = tmp_path / "record"
     record.mkdir()
     launch_on_two_cpu_ranks(tmp_path, "-m", "llmtune.cli", "train", tmp_path / "ppo.yaml", "train.batch_size=8",
-                            "train.save_steps=3", env={"PPO_RECORD": str(record)}, pythonpath=(str(ROOT / "tests"),))
+                            "train.save_steps=2", env={"PPO_RECORD": str(record)}, pythonpath=(str(ROOT / "tests"),))
 
     # Calls in order on each rank: held-out before, 3 PPO steps, held-out after.
     calls = [[json.loads(line) for line in (record / f"rank-{r}.jsonl").read_text().splitlines()] for r in (0, 1)]
@@ -197,9 +197,25 @@ def test_ppo_on_two_ranks_shares_out_the_prompts_and_gathers_the_metrics(tmp_pat
     assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-6) and rows[-1]["kl_coef"] != rows[0]["kl_coef"]
     summary = json.loads((run / "summary.json").read_text())
     assert summary["eval"]["before"]["n"] == summary["eval"]["after"]["n"] == 16
-    state = torch.load(run / "checkpoints" / "checkpoint-3" / "ppo_state.pt", weights_only=False)
+    state = torch.load(run / "checkpoints" / "checkpoint-2" / "ppo_state.pt", weights_only=False)
     assert len(state["torch_rng"]) == 2 and not torch.equal(*state["torch_rng"])  # each rank's own sampling state
-    assert (run / "final" / "adapter_model.safetensors").is_file()
+    final = load_file(run / "final" / "adapter_model.safetensors")
+
+    # Killed during step 3: checkpoint-2 is the newest complete one. Resumed on two ranks, each rank
+    # samples from its own restored RNG: the same step 3, the same weights.
+    resumed = tmp_path / "resumed"
+    shutil.copytree(run, resumed)
+    for name in ("final", "summary.json", "checkpoints/checkpoint-3"):
+        shutil.rmtree(resumed / name, ignore_errors=True) if name != "summary.json" else (resumed / name).unlink()
+    (tmp_path / "record-resumed").mkdir()
+    launch_on_two_cpu_ranks(tmp_path, "-m", "llmtune.cli", "train", tmp_path / "ppo.yaml", "train.batch_size=8", "train.save_steps=2",
+                            f"train.output_dir={resumed}", "--resume", env={"PPO_RECORD": str(tmp_path / "record-resumed")},
+                            pythonpath=(str(ROOT / "tests"),))
+    timing = ("tokens_per_s", "step_time_s")
+    again = [{k: v for k, v in json.loads(line).items() if k not in timing} for line in (resumed / "metrics.jsonl").read_text().splitlines()]
+    assert again == [{k: v for k, v in r.items() if k not in timing} for r in rows]
+    assert json.loads((resumed / "summary.json").read_text())["train"]["resumed_from"].endswith("checkpoint-2")
+    assert_same_tensors(load_file(resumed / "final" / "adapter_model.safetensors"), final, atol=0)
 
 
 def test_an_input_error_or_failed_gate_on_a_launched_rank_ends_the_launch_with_its_own_message_and_code(make_recipe, tmp_path):

@@ -95,6 +95,32 @@ def test_whiten():
     assert torch.allclose(masked_whiten(x, mask, shift_mean=False), t([1.0, 2.0, 3.0, 0.0]), atol=1e-6)
 
 
+def test_whiten_over_ranks_uses_the_whole_batch():
+    """Two ranks (threads here) each whiten their half with the sums of both: the same numbers as one
+    process whitening the whole batch; per-rank whitening would not be."""
+    import threading
+
+    x, mask = t([1.0, 2.0, 3.0], [4.0, 9.0, 7.0]), t([1, 1, 1], [1, 1, 0])
+    whole = masked_whiten(x, mask)  # over [1, 2, 3, 4, 9]: mean 3.8, unbiased variance 9.7
+    assert whole[1, 1].item() == pytest.approx((9 - 3.8) / 9.7 ** 0.5, abs=1e-6)
+    barrier, shared, out = threading.Barrier(2), [None, None], [None, None]
+
+    def rank(r: int):
+        def sum_over_ranks(v):
+            shared[r] = v
+            barrier.wait()
+            total = shared[0] + shared[1]
+            barrier.wait()
+            return total
+        out[r] = masked_whiten(x[r:r + 1], mask[r:r + 1], sum_over_ranks=sum_over_ranks)
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in (0, 1)]
+    [th.start() for th in threads]
+    [th.join() for th in threads]
+    assert torch.allclose(torch.cat(out), whole, atol=1e-6)
+    assert not torch.allclose(masked_whiten(x[1:], mask[1:]), whole[1:], atol=1e-2)  # what per-rank whitening gives
+
+
 def test_explained_variance():
     returns, mask = t([1.0, 2.0, 3.0]), t([1, 1, 1])
     assert explained_variance(returns, returns, mask).item() == pytest.approx(1.0)

@@ -13,7 +13,8 @@ One PPO step:
 6. the KL controller sees the measured KL; one row of metrics.jsonl.
 
 Several processes (accelerate launch): the policy is wrapped in DDP, so the gradients of every
-mini-batch are averaged over ranks; advantages are whitened per rank (as TRL's PPO did); the
+mini-batch are averaged over ranks; advantages are whitened with the global batch's mean and
+variance (TRL's former PPO whitened per rank, so its step depended on the process count); the
 metrics and the KL fed to the controller are over the global batch, so every rank's adaptive
 coefficient stays the same. Held-out prompts are shared out between ranks and the scores gathered.
 
@@ -256,10 +257,13 @@ class PPOTrainer:
             old_logprobs, old_values, ref_logprobs = torch.cat(old_logprobs), torch.cat(old_values), torch.cat(ref_logprobs)
             kl_coef = self.kl_ctl.value
             rewards, kl = per_token_rewards(scores, old_logprobs, ref_logprobs, fmask, kl_coef)
+            # Whitened with the global batch's mean and variance: N ranks take the same step as one
+            # process holding the whole batch would.
+            over_ranks = (lambda t: self.accelerator.reduce(t, "sum")) if self.world > 1 else None
             if cfg.whiten_rewards:
-                rewards = masked_whiten(rewards, fmask, shift_mean=False)
+                rewards = masked_whiten(rewards, fmask, shift_mean=False, sum_over_ranks=over_ranks)
             advantages, returns = gae(rewards, old_values, fmask, cfg.gamma, cfg.lam)
-            advantages = masked_whiten(advantages, fmask)
+            advantages = masked_whiten(advantages, fmask, sum_over_ranks=over_ranks)
 
         self.wrapped.train(False)  # dropout stays off (see the module docstring); gradients still flow
         stats: dict[str, list[float]] = {k: [] for k in ("policy_loss", "value_loss", "clipfrac", "approx_kl", "value_clipfrac", "entropy")}

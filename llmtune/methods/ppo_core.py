@@ -11,6 +11,8 @@ PPOTrainer (removed in TRL 1.13), whose conventions (whitening, value clipping) 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 
@@ -23,17 +25,30 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> 
 
 def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
     """Variance of `x` over the masked positions (Bessel-corrected unless `unbiased=False`)."""
-    mean = masked_mean(x, mask)
-    var = masked_mean((x - mean) ** 2, mask)
+    return masked_moments(x, mask, unbiased)[1]
+
+
+def masked_moments(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True,
+                   sum_over_ranks: Callable[[torch.Tensor], torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and variance of `x` over the masked positions (Bessel-corrected unless `unbiased=False`).
+
+    `sum_over_ranks` sums a tensor over the processes of a distributed run: each rank holds part of
+    the batch, and the figures are those of the whole batch, as one process holding it would get.
+    """
+    total = sum_over_ranks or (lambda t: t)
+    n, x_sum = total(torch.stack([mask.sum(), (x * mask).sum()]).float())
+    mean = x_sum / n
+    var = total(((x - mean) ** 2 * mask).sum().float()) / n
     if unbiased:
-        n = mask.sum()
         var = var * n / (n - 1).clamp(min=1)
-    return var
+    return mean, var
 
 
-def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
-    """Scale to unit variance over the masked positions; also centre on 0 when `shift_mean`."""
-    mean, var = masked_mean(x, mask), masked_var(x, mask)
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True,
+                  sum_over_ranks: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """Scale to unit variance over the masked positions; also centre on 0 when `shift_mean`.
+    With `sum_over_ranks`, the mean and variance are the whole distributed batch's (see masked_moments)."""
+    mean, var = masked_moments(x, mask, sum_over_ranks=sum_over_ranks)
     whitened = (x - mean) * torch.rsqrt(var + 1e-8)
     if not shift_mean:
         whitened = whitened + mean
