@@ -117,7 +117,7 @@ def test_zero2_full_finetune_equals_one_process_and_final_is_a_plain_model(make_
     assert_same_tensors(trained, reference, atol=1e-4)
 
 
-def test_zero3_lora_equals_one_process_and_resumes_from_its_deepspeed_checkpoint(make_recipe, tmp_path, tiny_model_dir):
+def test_zero3_lora_equals_one_process_resumes_from_its_deepspeed_checkpoint_and_exports(make_recipe, tmp_path, tiny_model_dir):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -146,6 +146,13 @@ def test_zero3_lora_equals_one_process_and_resumes_from_its_deepspeed_checkpoint
     assert summary["train"]["resumed_from"].endswith("checkpoint-2")
     assert losses(resumed) == pytest.approx(losses(two), abs=1e-5)
     assert_same_tensors(load_file(resumed / "final" / "adapter_model.safetensors"), adapter, atol=1e-6)
+
+    # Export takes the ZeRO-3 run directory like any other: its final/ holds gathered weights.
+    from llmtune.cli import main
+
+    assert main(["export", str(two), "--format", "merged"]) == 0
+    record = json.loads((two / "summary.json").read_text())["export"]["merged"]
+    assert record["ok"] and record["checks"]["merged_equals_trained"]["max_abs_logit_diff"] < 1e-4
 
 
 def test_fsdp2_full_finetune_equals_one_process(make_recipe, tmp_path):
