@@ -190,10 +190,10 @@ def cmd_train(args) -> None:
     run = run_recipe(recipe, recipe_dir, resume=args.resume).run
     if is_main_process():  # one line for scripts, not one per rank
         print(run.path)
-    _leave_process_group()
+    _end_launched_rank()
 
 
-def _leave_process_group() -> None:
+def _end_launched_rank() -> None:
     """End a launched rank after a successful train without the interpreter's teardown (after success
     only: a rank that failed must not be cut short here).
 

@@ -89,8 +89,8 @@ time.sleep(1.5 * int(os.environ["RANK"]))  # the ranks' clocks now read differen
 # One write per line: the two ranks share one pipe, and print's separate pieces can interleave.
 sys.stdout.write(f"agreed {os.environ['RANK']} {agree_on_run_dir(recipe, resume=False)}\\n")
 sys.stdout.flush()
-from llmtune.cli import _leave_process_group
-_leave_process_group()  # as `llmtune train` ends a rank: no C++ teardown that could abort it
+from llmtune.cli import _end_launched_rank
+_end_launched_rank()  # as `llmtune train` ends a rank: no C++ teardown that could abort it
 """
 
 

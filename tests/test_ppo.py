@@ -112,3 +112,12 @@ def test_ppo_resume_from_a_checkpoint_equals_the_uninterrupted_run(tmp_path, tin
         [{k: v for k, v in r.items() if k not in drop} for r in uninterrupted]
     again = load_file(resumed.run.path / "final" / "adapter_model.safetensors")
     assert all(torch.equal(final[k], again[k]) for k in final)
+
+
+def test_fewer_prompts_than_one_ppo_batch_is_an_input_error(tmp_path, tiny_model_dir, capsys):
+    from llmtune.cli import main
+
+    ppo_recipe(tmp_path, tiny_model_dir, {"kind": "lora", "r": 4, "alpha": 8})  # 48 prompts
+    assert main(["train", str(tmp_path / "ppo.yaml"), "train.batch_size=64"]) == 2
+    assert ("data.sources: 48 prompts, fewer than one PPO batch (64 x 1 process(es)); add prompts or lower "
+            "train.batch_size") in capsys.readouterr().err
