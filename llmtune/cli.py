@@ -12,7 +12,7 @@ import sys
 import traceback
 from pathlib import Path
 
-from llmtune.errors import GateFailed, UserError
+from llmtune.errors import GateFailed, UserError, tell_the_launching_process
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -28,11 +28,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             traceback.print_exc()
         print(f"error: {exc}", file=sys.stderr)
-        _tell_the_launching_process(exc)
+        tell_the_launching_process(exc)
         return 2
     except GateFailed as exc:
         print(f"error: {exc}", file=sys.stderr)
-        _tell_the_launching_process(exc)
+        tell_the_launching_process(exc)
         return 3
     except KeyboardInterrupt:
         print("interrupted; resume with --resume", file=sys.stderr)
@@ -40,12 +40,6 @@ def main(argv: list[str] | None = None) -> int:
     except Exception:
         traceback.print_exc()
         return 1
-
-
-def _tell_the_launching_process(error: Exception) -> None:
-    from llmtune.launch import tell_the_launching_process
-
-    tell_the_launching_process(error)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

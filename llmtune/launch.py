@@ -15,12 +15,11 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from llmtune.errors import GateFailed, UserError
+from llmtune.errors import EXIT_DIR_ENV, GateFailed, UserError
 from llmtune.recipe import Recipe
 from llmtune.runs import RunDir
 
 LAUNCHED_ENV = "LLMTUNE_LAUNCHED"
-EXIT_DIR_ENV = "LLMTUNE_EXIT_DIR"  # where our own launch's ranks leave the error they stopped on
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "accelerate_configs"
 
 
@@ -166,19 +165,6 @@ def relaunch_if_needed(recipe: Recipe, args, recipe_dir: Path | None = None) -> 
     if result.returncode:
         sys.exit(result.returncode)
     return True
-
-
-def tell_the_launching_process(error: Exception) -> None:
-    """Inside our own launch, leave the input error or failed gate this rank stopped on for the parent.
-
-    torchrun reports any failed rank as exit 1 under a page of its own output; with this the parent
-    `llmtune train` ends on the same one-line message and exit code (2 or 3) as a one-process run.
-    """
-    folder = os.environ.get(EXIT_DIR_ENV)
-    if not folder or not Path(folder).is_dir():
-        return
-    record = {"failures": error.failures} if isinstance(error, GateFailed) else {"message": str(error)}
-    Path(folder, f"rank{int(os.environ.get('RANK', '0')):05d}.json").write_text(json.dumps(record))
 
 
 def raise_what_a_rank_stopped_on(folder: Path) -> None:

@@ -51,6 +51,9 @@ def test_cli_validate_exit_code_2_and_no_traceback(tmp_path):
     assert out.returncode == 2
     assert "Traceback" not in out.stderr + out.stdout
     assert "train.learning_rate" in out.stderr and "did you mean 'format'" in out.stderr
+    # Nothing but the message: no library noise after it (importing the training stack on the way out did that once).
+    lines = out.stderr.strip().splitlines()
+    assert lines[0].startswith("error: ") and all(line.startswith("  ") for line in lines[1:]), out.stderr
 
 
 def test_debug_flag_shows_traceback(tmp_path, capsys):
