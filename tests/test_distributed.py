@@ -208,12 +208,13 @@ def test_ppo_on_two_ranks_shares_out_the_prompts_gathers_the_metrics_and_resumes
     assert len(state["torch_rng"]) == 2 and not torch.equal(*state["torch_rng"])  # each rank's own sampling state
     final = load_file(run / "final" / "adapter_model.safetensors")
 
-    # Killed during step 3: checkpoint-2 is the newest complete one. Resumed on two ranks, each rank
-    # samples from its own restored RNG: the same step 3, the same weights.
+    # Killed during step 3: checkpoint-2 is the newest complete one (metrics.jsonl keeps a stale row 3).
+    # Resumed on two ranks, each rank samples from its own restored RNG: the same step 3, the same weights.
     resumed = tmp_path / "resumed"
     shutil.copytree(run, resumed)
-    for name in ("final", "summary.json", "checkpoints/checkpoint-3"):
-        shutil.rmtree(resumed / name, ignore_errors=True) if name != "summary.json" else (resumed / name).unlink()
+    for name in ("final", "checkpoints/checkpoint-3"):
+        shutil.rmtree(resumed / name, ignore_errors=True)  # the last step's checkpoint, where one was saved
+    (resumed / "summary.json").unlink()
     (tmp_path / "record-resumed").mkdir()
     launch_on_two_cpu_ranks(tmp_path, "-m", "llmtune.cli", "train", tmp_path / "ppo.yaml", "train.batch_size=8", "train.save_steps=2",
                             f"train.output_dir={resumed}", "--resume", env={"PPO_RECORD": str(tmp_path / "record-resumed")},
