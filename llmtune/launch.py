@@ -161,9 +161,8 @@ def relaunch_if_needed(recipe: Recipe, args, recipe_dir: Path | None = None) -> 
         print(f"[llmtune] launching: accelerate launch {' '.join(command[3:])}", flush=True)
         result = subprocess.run(command, env=os.environ | {LAUNCHED_ENV: "1", EXIT_DIR_ENV: scratch})
         if result.returncode:
-            raise_what_a_rank_stopped_on(Path(scratch))
-    if result.returncode:
-        sys.exit(result.returncode)
+            raise_what_a_rank_stopped_on(Path(scratch))  # the rank's own message and exit code, if it left one
+            sys.exit(result.returncode)
     return True
 
 

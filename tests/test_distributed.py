@@ -28,11 +28,11 @@ def one_process(path, *overrides, resume=False):
     return run_recipe(recipe, recipe_dir, resume=resume).run
 
 
-def llmtune_train(*args, cwd=ROOT):
+def llmtune_train(*args, cwd=ROOT, returncode=0):
     env = os.environ | {"PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     out = subprocess.run([sys.executable, "-m", "llmtune.cli", "train", *map(str, args)], cwd=cwd, env=env,
                          capture_output=True, text=True, timeout=900)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-6000:]
+    assert out.returncode == returncode, out.stdout[-3000:] + out.stderr[-6000:]
     return out
 
 
@@ -231,16 +231,12 @@ def test_an_input_error_or_failed_gate_on_a_launched_rank_ends_the_launch_with_i
     launch = ["--accelerate-config", "multi_gpu", "--num-processes", "2"]
     gated = make_recipe(train={"batch_size": 2, "max_steps": 2, "save_steps": 2},
                         eval={"perplexity": True, "gates": [{"task": "heldout", "metric": "perplexity", "max": 1.0}]})
-    out = subprocess.run([sys.executable, "-m", "llmtune.cli", "train", gated, f"train.output_dir={tmp_path / 'gated'}", *launch],
-                         cwd=ROOT, capture_output=True, text=True, timeout=900)
-    assert out.returncode == 3, out.stderr[-3000:]
+    out = llmtune_train(gated, f"train.output_dir={tmp_path / 'gated'}", *launch, returncode=3)
     assert out.stderr.strip().splitlines()[-2:][0] == "error: evaluation gate failed:", out.stderr[-3000:]
     assert "heldout/perplexity = " in out.stderr.strip().splitlines()[-1]
 
     (tmp_path / "garbage.jsonl").write_text("not json\n{\"also\": \"no prompt\"}\n")
     broken = make_recipe(data={"sources": [{"path": str(tmp_path / "garbage.jsonl")}]})
-    out = subprocess.run([sys.executable, "-m", "llmtune.cli", "train", broken, f"train.output_dir={tmp_path / 'broken'}", *launch],
-                         cwd=ROOT, capture_output=True, text=True, timeout=900)
-    assert out.returncode == 2, out.stderr[-3000:]
+    out = llmtune_train(broken, f"train.output_dir={tmp_path / 'broken'}", *launch, returncode=2)
     tail = "\n".join(out.stderr.strip().splitlines()[-3:])  # the last thing printed, not torchrun's report
     assert tail.startswith("error: data.sources: no usable training rows") and "garbage.jsonl:1" in tail, out.stderr[-3000:]
