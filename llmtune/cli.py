@@ -179,7 +179,7 @@ def cmd_train(args) -> None:
     if agreed:  # the user's own multi-process launch: every rank writes where rank 0 chose
         recipe, recipe_dir = load_recipe(args.recipe, [*args.overrides, f"train.output_dir={agreed}"])
     from llmtune.pipeline import run_recipe
-    from llmtune.runs import is_main_process
+    from llmtune.distributed import is_main_process
 
     run = run_recipe(recipe, recipe_dir, resume=args.resume).run
     if is_main_process():  # one line for scripts, not one per rank
@@ -230,13 +230,14 @@ def cmd_plan(args) -> None:
 def cmd_data_preview(args) -> None:
     from llmtune.data import prepare_data
     from llmtune.data.preview import preview, print_preview
+    from llmtune.methods import method_of
     from llmtune.models.load import load_tokenizer, resolve_model_path
     from llmtune.recipe import load_recipe
 
     recipe, recipe_dir = load_recipe(args.recipe, args.overrides)
     tokenizer = load_tokenizer(recipe.model, resolve_model_path(recipe.model.name))
     cfg = recipe.data.model_copy(update={"packing": False})  # show examples whole, as they are masked
-    data = prepare_data(cfg, recipe_dir, tokenizer, recipe.train.seed)
+    data = prepare_data(cfg, recipe_dir, tokenizer, recipe.train.seed, method_of(recipe).EXAMPLES)
     print_preview(preview(data, tokenizer, args.n, cfg.max_length), args.json)
 
 

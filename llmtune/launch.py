@@ -15,6 +15,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from llmtune.distributed import is_main_process, world_size
 from llmtune.errors import EXIT_DIR_ENV, GateFailed, UserError
 from llmtune.recipe import Recipe
 from llmtune.runs import RunDir
@@ -84,6 +85,17 @@ def launch_options(recipe: Recipe, args, recipe_dir: Path | None = None) -> Laun
                          main_process_port=getattr(args, "main_process_port", None))
 
 
+# Engines that shard the weights between ranks: a method that needs whole weights on every rank
+# (e.g. PPO's rollouts call generate() on the unwrapped policy) cannot run under them.
+SHARDING_ENGINES = ("DEEPSPEED", "FSDP")
+
+
+def whole_weights_error(kind: str) -> str:
+    return (f"method.kind {kind}: runs on one process or DDP (accelerate_configs/multi_gpu.yaml, multi_node.yaml); "
+            "DeepSpeed and FSDP shard the weights it samples from. Use multi_gpu, or LoRA/QLoRA to fit the "
+            "model on each GPU")
+
+
 def inside_launcher() -> bool:
     """True in a process started by a launcher: ours, the user's own `accelerate launch`, or torchrun."""
     return bool(os.environ.get(LAUNCHED_ENV)) or "LOCAL_RANK" in os.environ or "ACCELERATE_MIXED_PRECISION" in os.environ
@@ -142,13 +154,14 @@ def relaunch_if_needed(recipe: Recipe, args, recipe_dir: Path | None = None) -> 
         return False
     import torch
 
-    from llmtune.methods.ppo import PPO_SHARDING_ERROR, SHARDING_ENGINES
+    from llmtune.methods import METHODS
     from llmtune.models.load import resolve_model_path
 
     distributed = str(read_accelerate_config(options.config).get("distributed_type", "NO")).upper()
     kinds = {recipe.method.kind} | {stage.method.kind for stage in recipe.stages if stage.method}
-    if "ppo" in kinds and distributed in SHARDING_ENGINES:
-        raise UserError(PPO_SHARDING_ERROR)
+    for kind in sorted(kinds):
+        if METHODS[kind].WHOLE_WEIGHTS_PER_RANK and distributed in SHARDING_ENGINES:
+            raise UserError(whole_weights_error(kind))
     resolve_model_path(recipe.model.name)  # converts a built-in model once here, not in every process
     gpus = torch.cuda.device_count()
     overrides = list(args.overrides)
@@ -184,7 +197,7 @@ def agree_on_run_dir(recipe: Recipe, resume: bool) -> str | None:
     train` does not, and each rank's timestamp could differ by a second.) Returns the directory to
     use, or None when there is nothing to agree on.
     """
-    if recipe.train.output_dir is not None or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    if recipe.train.output_dir is not None or world_size() <= 1:
         return None
     from accelerate import PartialState
     from accelerate.utils import broadcast_object_list
@@ -195,6 +208,6 @@ def agree_on_run_dir(recipe: Recipe, resume: bool) -> str | None:
     # the CPU explicitly: PartialState() alone is a one-process state there, the broadcast below a
     # no-op, and ranks would only agree when their clocks read the same second.
     PartialState(cpu=training_device().type == "cpu")
-    chosen = [str(RunDir.for_recipe(recipe, resume).path) if int(os.environ.get("RANK", "0")) == 0 else None]
+    chosen = [str(RunDir.for_recipe(recipe, resume).path) if is_main_process() else None]
     broadcast_object_list(chosen, from_process=0)
     return chosen[0]

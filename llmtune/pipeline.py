@@ -9,30 +9,20 @@ from typing import Any
 
 from transformers import set_seed
 
-from llmtune.data import describe_drops, prepare_data
-from llmtune.errors import GateFailed, UserError
-from llmtune.evaluation.classification import classification_metrics
+from llmtune.data import prepare_data
+from llmtune.distributed import is_main_process
+from llmtune.errors import GateFailed
 from llmtune.evaluation import stage as task_eval
-from llmtune.evaluation.exact_match import exact_match
 from llmtune.evaluation.reports import print_tasks
 from llmtune.export.formats import export_model
-from llmtune.methods.classification import train_classification
-from llmtune.methods.dpo import train_dpo
-from llmtune.methods.grpo import train_grpo
-from llmtune.methods.ppo import train_ppo
-from llmtune.methods.reward import train_reward
-from llmtune.methods.sft import train_sft
+from llmtune.launch import shards_weights
+from llmtune.methods import method_of
 from llmtune.models.adapter import apply_adapter, count_parameters
 from llmtune.models.load import (for_trainable_weights, load_causal_lm, load_classifier, load_tokenizer,
                                  resolve_model_path, resolve_precision, training_device)
-from llmtune.launch import shards_weights
 from llmtune.recipe import Recipe
 from llmtune.report import print_summary
-from llmtune.runs import RunDir, is_main_process, now
-
-TRAINERS = {"sft": train_sft, "classification": train_classification, "reward": train_reward, "dpo": train_dpo,
-            "grpo": train_grpo, "ppo": train_ppo}
-SCORING_HEAD = ("classification", "reward")  # methods that train a new sequence-classification head
+from llmtune.runs import RunDir, now
 
 
 @dataclass
@@ -45,6 +35,7 @@ class RunResult:
 
 
 def run_recipe(recipe: Recipe, recipe_dir: Path, resume: bool = False) -> RunResult:
+    """One training run: prepare data, load, evaluate before, train, evaluate after, summarise, export."""
     if recipe.stages:
         return run_stages(recipe, recipe_dir, resume)
     run = RunDir.for_recipe(recipe, resume)
@@ -54,44 +45,20 @@ def run_recipe(recipe: Recipe, recipe_dir: Path, resume: bool = False) -> RunRes
         print_summary(previous)
         return RunResult(run, previous)
     run.start(recipe, resume)
+    method = method_of(recipe)
     started_at, t0 = now(), time.perf_counter()
 
-    # Model, tokenizer and data
     set_seed(recipe.train.seed)  # a new head and the adapter's initial weights are drawn below
-    whole_weights_train = recipe.adapter.kind in ("full", "freeze") or recipe.method.kind in SCORING_HEAD
-    precision = for_trainable_weights(resolve_precision(recipe.model.dtype), whole_weights_train)
+    precision = for_trainable_weights(resolve_precision(recipe.model.dtype),
+                                      recipe.adapter.kind in ("full", "freeze") or method.MODEL == "sequence_classifier")
     model_path = resolve_model_path(recipe.model.name)
     tokenizer = load_tokenizer(recipe.model, model_path)
-    data = prepare_data(recipe.data, recipe_dir, tokenizer, recipe.train.seed)
+    data = prepare_data(recipe.data, recipe_dir, tokenizer, recipe.train.seed, method.EXAMPLES)
     run.write_manifest(recipe, model_path, data.fingerprints, started_at, precision=precision.name)
-    if recipe.method.kind == "classification":
-        model = load_classifier(recipe.model, model_path, precision, data.label_names, tokenizer.pad_token_id)
-    elif recipe.method.kind == "reward":
-        model = load_classifier(recipe.model, model_path, precision, ["reward"], tokenizer.pad_token_id)
-    else:
-        model = load_causal_lm(recipe.model, model_path, precision)
-    if recipe.model.quantization == "none" and not shards_weights():
-        model.to(training_device())  # evaluate "before" where training will run (bitsandbytes placed itself)
+    model = load_model(method, recipe, model_path, precision, tokenizer, data)
 
-    # Evaluate the base model (kept from the first attempt when resuming)
-    evaluation = {}
-    if recipe.eval.before_after and is_main_process() and _has_evaluation(recipe, data):
-        evaluation["before"] = run.read_json("eval/before.json") or _evaluate(recipe, run, model, tokenizer, data, "before")
-    tasks = {}
-    if recipe.eval.before_after and is_main_process() and task_eval.wants_task_evaluation(recipe):
-        tasks["before"] = run.read_json("eval/tasks-before.json") or task_eval.evaluate_stage(recipe, recipe_dir, run, model, tokenizer, data, "before")
-
-    # Train
-    model = apply_adapter(model, recipe.adapter, task="SEQ_CLS" if recipe.method.kind in SCORING_HEAD else "CAUSAL_LM",
-                          tokenizer_path=model_path, gradient_checkpointing=recipe.train.gradient_checkpointing)
-    trainable, total = count_parameters(model)
-    checkpoint = run.latest_checkpoint() if resume else None
-    if resume:
-        # Steps logged after the checkpoint (or all of them, if none was complete) will run again.
-        print(f"[llmtune] resuming from {checkpoint or 'the start: no complete checkpoint yet'}")
-        run.truncate_metrics(after_step=int(checkpoint.name.split("-")[1]) if checkpoint else 0)
-    trainer, output = TRAINERS[recipe.method.kind](recipe, run, model, tokenizer, data, precision,
-                                                   str(checkpoint) if checkpoint else None)
+    evaluation, tasks = evaluate_before(method, recipe, recipe_dir, run, model, tokenizer, data)
+    model, trainer, output, checkpoint = train(method, recipe, run, model, model_path, tokenizer, data, precision, resume)
     final = run.save_final(trainer, tokenizer)
     if not is_main_process():
         return RunResult(run, {}, trainer.model, tokenizer)  # evaluation, export and reports happen once, on rank 0
@@ -101,23 +68,78 @@ def run_recipe(recipe: Recipe, recipe_dir: Path, resume: bool = False) -> RunRes
         # Training is over: without this, from_pretrained (evaluation, merged export) would build models
         # under ZeRO-3's partitioned init, whose collectives wait for ranks that have already finished.
         unset_hf_deepspeed_config()
+    trained = _reload_final(method, recipe, final, precision) if shards_weights() and method.evaluates(recipe, data) else trainer.model
+    gates = evaluate_after(method, recipe, recipe_dir, run, trained, trainer.model, tokenizer, data, evaluation, tasks)
 
-    # Evaluate the trained model
-    if _has_evaluation(recipe, data):
-        trained = _reload_final(recipe, final, model_path, precision) if shards_weights() else trainer.model
-        evaluation["after"] = _evaluate(recipe, run, trained, tokenizer, data, "after")
-    evaluation |= _method_evaluation(recipe, run)
+    summary = summarise(method, recipe, run, data, precision, output, model, checkpoint, final, evaluation, tasks, gates, t0)
+    run.update_manifest(ended_at=now())
+    run.write_summary(summary)
+    summary["export"] = export(recipe, run, data)  # after summary.json exists: each model card reads the run's evaluation there
+    print_summary(summary)
+    if tasks:
+        print_tasks(tasks, gates)
+    if gates is not None and not gates["passed"]:
+        raise GateFailed(gates["failures"])
+    return RunResult(run, summary, trainer.model, tokenizer, trainer)
+
+
+def load_model(method, recipe: Recipe, model_path: str, precision, tokenizer, data):
+    """The base model the method trains: a causal LM, or a sequence classifier with a new head."""
+    if method.MODEL == "sequence_classifier":
+        model = load_classifier(recipe.model, model_path, precision, method.head_labels(data), tokenizer.pad_token_id)
+    else:
+        model = load_causal_lm(recipe.model, model_path, precision)
+    if recipe.model.quantization == "none" and not shards_weights():
+        model.to(training_device())  # evaluate "before" where training will run (bitsandbytes placed itself)
+    return model
+
+
+def evaluate_before(method, recipe: Recipe, recipe_dir: Path, run: RunDir, model, tokenizer, data) -> tuple[dict, dict]:
+    """The base model's held-out figures and benchmark tasks (kept from the first attempt when resuming)."""
+    evaluation, tasks = {}, {}
+    if not (recipe.eval.before_after and is_main_process()):
+        return evaluation, tasks
+    if method.evaluates(recipe, data):
+        evaluation["before"] = run.read_json("eval/before.json") or _held_out(method, recipe, run, model, tokenizer, data, "before")
+    if task_eval.wants_task_evaluation(recipe):
+        tasks["before"] = (run.read_json("eval/tasks-before.json")
+                           or task_eval.evaluate_stage(recipe, recipe_dir, run, model, tokenizer, data, "before"))
+    return evaluation, tasks
+
+
+def train(method, recipe: Recipe, run: RunDir, model, model_path: str, tokenizer, data, precision, resume: bool):
+    """Apply the adapter and run the method's trainer, from the newest complete checkpoint when resuming."""
+    model = apply_adapter(model, recipe.adapter, task="SEQ_CLS" if method.MODEL == "sequence_classifier" else "CAUSAL_LM",
+                          tokenizer_path=model_path, gradient_checkpointing=recipe.train.gradient_checkpointing)
+    checkpoint = run.latest_checkpoint() if resume else None
+    if resume:
+        # Steps logged after the checkpoint (or all of them, if none was complete) will run again.
+        print(f"[llmtune] resuming from {checkpoint or 'the start: no complete checkpoint yet'}")
+        run.truncate_metrics(after_step=int(checkpoint.name.split("-")[1]) if checkpoint else 0)
+    trainer, output = method.train(recipe, run, model, tokenizer, data, precision, str(checkpoint) if checkpoint else None)
+    return model, trainer, output, checkpoint
+
+
+def evaluate_after(method, recipe: Recipe, recipe_dir: Path, run: RunDir, trained, in_memory, tokenizer, data,
+                   evaluation: dict, tasks: dict) -> dict | None:
+    """The trained model's held-out figures and tasks, beside the base model's; returns the gates' verdict."""
+    if method.evaluates(recipe, data):
+        evaluation["after"] = _held_out(method, recipe, run, trained, tokenizer, data, "after")
+    evaluation |= method.training_figures(run)
     if "before" in evaluation:
         evaluation["delta"] = {k: round(evaluation["after"][k] - evaluation["before"][k], 4)
                                for k in evaluation["after"] if k != "n"}
     if task_eval.wants_task_evaluation(recipe):
-        tasks["after"] = task_eval.evaluate_stage(recipe, recipe_dir, run, trainer.model, tokenizer, data, "after")
+        tasks["after"] = task_eval.evaluate_stage(recipe, recipe_dir, run, in_memory, tokenizer, data, "after")
     for when in ("before", "after"):  # held-out exact match / accuracy join the task table, for gates and reports
         if when in evaluation:
             task_eval.add_heldout(tasks.setdefault(when, {}), evaluation[when], evaluation[when]["n"])
-    gates = task_eval.finish(recipe, run, tasks)
+    return task_eval.finish(recipe, run, tasks)
 
-    exports = {}  # filled in after summary.json exists: each export's model card reads the run's evaluation there
+
+def summarise(method, recipe: Recipe, run: RunDir, data, precision, output, model, checkpoint, final: Path,
+              evaluation: dict, tasks: dict, gates: dict | None, t0: float) -> dict:
+    trainable, total = count_parameters(model)
     metrics = run.read_metrics()
     losses = [r for r in metrics if "loss" in r]
     speeds = [r["tokens_per_s"] for r in metrics if r.get("tokens_per_s")]
@@ -126,7 +148,7 @@ def run_recipe(recipe: Recipe, recipe_dir: Path, resume: bool = False) -> RunRes
         "recipe": recipe.name,
         "run_dir": str(run.path),
         "model": recipe.model.name,
-        "method": recipe.method.kind,
+        "method": method.KIND,
         "adapter": recipe.adapter.kind,
         "precision": precision.name + (f", base quantized {recipe.model.quantization}" if recipe.model.quantization != "none" else ""),
         "train": {
@@ -142,7 +164,7 @@ def run_recipe(recipe: Recipe, recipe_dir: Path, resume: bool = False) -> RunRes
         "data": data.stats,
         "eval": evaluation,
         "final": str(final),
-        "export": exports,
+        "export": {},
         "plots": [str(p) for p in [run.plot_loss(), run.plot_eval(evaluation)] if p],
     }
     if tasks:
@@ -153,74 +175,36 @@ def run_recipe(recipe: Recipe, recipe_dir: Path, resume: bool = False) -> RunRes
         summary["gates"] = gates
         if not gates["passed"]:
             summary["status"] = "failed"
-    run.update_manifest(ended_at=now())
-    run.write_summary(summary)
+    return summary
 
-    # Export: each format is written, reloaded and measured, and recorded in summary.json
-    reference: dict = {}  # the trained model's figures, measured once for every format
+
+def export(recipe: Recipe, run: RunDir, data) -> dict:
+    """Each export format written, reloaded and measured; each records itself in summary.json."""
+    exports, reference = {}, {}  # reference: the trained model's figures, measured once for every format
     for fmt in dict.fromkeys((["merged"] if recipe.export.merged else []) + list(recipe.export.formats)):
         exports[fmt] = export_model(run.path, fmt, heldout_rows=data.eval_rows or None, reference_cache=reference)
-    print_summary(summary)
-    if tasks:
-        print_tasks(tasks, gates)
-    if gates is not None and not gates["passed"]:
-        raise GateFailed(gates["failures"])
-    return RunResult(run, summary, trainer.model, tokenizer, trainer)
+    return exports
 
 
-def _method_evaluation(recipe: Recipe, run: RunDir) -> dict:
-    """Held-out figures the alignment methods measure during their own run: a reward model's pairwise
-    accuracy and margin; PPO's reward-model score of responses to held-out prompts, before and after."""
-    if recipe.method.kind == "reward" and (after := run.read_json("eval/after.json")):
-        print(f"[llmtune] held-out pairwise accuracy {after['accuracy']:.1%}, mean margin {after['margin']:.3f} of {after['n']} pairs")
-        return {"after": after}
-    if recipe.method.kind == "ppo" and (after := run.read_json("eval/reward_after.json")):
-        before = run.read_json("eval/reward_before.json")
-        print(f"[llmtune] held-out reward {before['reward_mean']:.4f} -> {after['reward_mean']:.4f}, KL to the reference {after['kl']:.3f}")
-        return {"before": before, "after": after}
-    return {}
+def _held_out(method, recipe: Recipe, run: RunDir, model, tokenizer, data, when: str) -> dict:
+    result = method.evaluate(recipe, run, model, tokenizer, data, when)
+    run.write_json(f"eval/{when}.json", result)
+    return result
 
 
-def _reload_final(recipe: Recipe, final: Path, model_path: str, precision):
+def _reload_final(method, recipe: Recipe, final: Path, precision):
     """Under ZeRO-3 or FSDP each rank holds only a shard, so rank 0 alone cannot run the trained
     model; it evaluates final/ instead (gathered on save), loaded the way a user loads it."""
+    classifier = method.MODEL == "sequence_classifier"
     if recipe.adapter.kind in ("full", "freeze"):
-        if recipe.method.kind == "classification":
-            from transformers import AutoModelForSequenceClassification as cls
-        else:
-            from transformers import AutoModelForCausalLM as cls
-        model = cls.from_pretrained(final, dtype=precision.dtype)
+        from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+        cls = AutoModelForSequenceClassification if classifier else AutoModelForCausalLM
     else:
         from peft import AutoPeftModelForCausalLM, AutoPeftModelForSequenceClassification
 
-        cls = AutoPeftModelForSequenceClassification if recipe.method.kind == "classification" else AutoPeftModelForCausalLM
-        model = cls.from_pretrained(final, dtype=precision.dtype)
-    return model.to(training_device()).eval()
-
-
-def _has_evaluation(recipe: Recipe, data) -> bool:
-    if recipe.method.kind in ("reward", "dpo", "grpo", "ppo"):
-        return False  # reward and ppo measure themselves (see _method_evaluation)
-    if recipe.method.kind == "classification":
-        return data.eval is not None
-    if recipe.eval.exact_match is not None and not data.eval_rows:
-        raise UserError("eval.exact_match: no usable held-out rows (see the drop reasons in the data report)",
-                        describe_drops(data.stats["dropped"]))
-    return recipe.eval.exact_match is not None
-
-
-def _evaluate(recipe: Recipe, run: RunDir, model, tokenizer, data, when: str) -> dict:
-    if recipe.method.kind == "classification":
-        result = classification_metrics(model, tokenizer, data.eval, data.label_names, recipe.train.batch_size,
-                                        predictions_path=run.path / "eval" / f"predictions-{when}.jsonl")
-        line = f"accuracy {result['accuracy']:.1%}, macro-F1 {result['macro_f1']:.3f}"
-    else:
-        result = exact_match(model, tokenizer, data.eval_rows, recipe.eval.exact_match, recipe.data.chat_template,
-                             generations_path=run.path / "eval" / f"generations-{when}.jsonl", desc=f"exact match ({when})")
-        line = f"exact match {result['exact_match']:.1%}"
-    run.write_json(f"eval/{when}.json", result)
-    print(f"[llmtune] held-out {line} of {result['n']} {when} training")
-    return result
+        cls = AutoPeftModelForSequenceClassification if classifier else AutoPeftModelForCausalLM
+    return cls.from_pretrained(final, dtype=precision.dtype).to(training_device()).eval()
 
 
 # --- multi-stage pipelines -----------------------------------------------------------------------

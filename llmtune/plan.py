@@ -87,12 +87,15 @@ def estimate_memory(recipe: Recipe, options=None, device: str | None = None) -> 
     """Per-GPU memory for `recipe` launched as `options` (llmtune.launch.LaunchOptions) says."""
     import torch
 
+    from llmtune.methods import method_of
+
+    method = method_of(recipe)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     launch = launch_shape(options)
-    model, config = _empty_model(recipe)
+    model, config = _empty_model(recipe, method)
     counts = _count(model, recipe)
     compute_bytes = _dtype_bytes(_compute_dtype(recipe.model.dtype, device))
-    whole = recipe.adapter.kind in ("full", "freeze") or recipe.method.kind == "classification"
+    whole = recipe.adapter.kind in ("full", "freeze") or method.MODEL == "sequence_classifier"
     b, s, accum = recipe.train.batch_size, recipe.data.max_length, recipe.train.grad_accum
     n = launch.processes
     plan = MemoryPlan(model=recipe.model.name, device=device, precision=_precision_text(recipe, device, whole, launch),
@@ -142,14 +145,62 @@ def estimate_memory(recipe: Recipe, options=None, device: str | None = None) -> 
             plan.gpu["DDP gradient buckets"] = trainable * trainable_bytes  # DDP reduces through its own bucket copy
     plan.gpu = {"parameters": params, "gradients": grads, "optimizer states": optimizer, **plan.gpu}
     plan.gpu["activations"] = _activation_bytes(config, recipe, b, s, compute_bytes)
-    if recipe.method.kind != "classification":
-        plan.gpu["logits and loss"] = _logit_bytes(config, b, s, device)
+    # What the method adds: a second sequence per pair, the vocabulary's logits, a frozen reference, ...
+    shape = MemoryShape(recipe, config, b, s, device, compute_bytes, counts["total"], counts["trainable"], whole)
+    plan.gpu |= method.memory_terms(shape)
     if recipe.model.quantization != "none":
         plan.gpu["dequantized layer"] = counts["largest_linear"] * compute_bytes * 2
     plan.notes += [f"sequence length is data.max_length ({s}), the worst case; shorter rows need less activation memory",
                    "the CUDA context (~0.6 GB) and allocator slack (~10%) come on top of the peak"
                    if device == "cuda" else "on CPU the process also holds the Python and torch libraries (~0.5-1 GB RSS)"]
     return plan
+
+
+@dataclass
+class MemoryShape:
+    """What a method's `memory_terms` sees of the run it is planned for, with the plan's own formulas."""
+
+    recipe: Recipe
+    config: object  # the model's (text) config
+    batch_size: int
+    seq_len: int
+    device: str
+    compute_bytes: int
+    total_params: int
+    trainable_params: int
+    whole: bool  # whole weights train (full, freeze, or a new head): held in fp32
+
+    def activations(self, sequences: int) -> float:
+        """Saved activations of `sequences` rows of seq_len tokens through every layer."""
+        return _activation_bytes(self.config, self.recipe, sequences, self.seq_len, self.compute_bytes)
+
+    def logits(self, sequences: int) -> float:
+        """The language-model head's logits and loss for `sequences` rows."""
+        return _logit_bytes(self.config, sequences, self.seq_len, self.device)
+
+    def frozen_copy(self) -> float:
+        """A frozen copy of the model (e.g. a reference) in the compute dtype."""
+        return self.total_params * self.compute_bytes
+
+    def kv_cache(self, sequences: int) -> float:
+        """Keys and values of every layer while generating `sequences` rows of up to seq_len tokens."""
+        c = self.config
+        kv_dim = (getattr(c, "num_key_value_heads", None) or c.num_attention_heads) * (
+            getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads)
+        return 2 * c.num_hidden_layers * sequences * self.seq_len * kv_dim * self.compute_bytes
+
+    def other_model(self, path: str | None) -> float:
+        """A second model held for inference (e.g. a reward model) in the compute dtype, counted from its
+        config; the policy's own size when the folder does not exist yet (a later pipeline stage)."""
+        if path and (Path(path) / "config.json").is_file():
+            import torch
+            from accelerate import init_empty_weights
+            from transformers import AutoConfig, AutoModelForSequenceClassification
+
+            with init_empty_weights():
+                other = AutoModelForSequenceClassification.from_config(AutoConfig.from_pretrained(path, num_labels=1), dtype=torch.float32)
+            return sum(p.numel() for p in other.parameters()) * self.compute_bytes
+        return self.total_params * self.compute_bytes
 
 
 def launch_shape(options) -> LaunchShape:
@@ -236,7 +287,7 @@ def format_plan(plan: MemoryPlan, gpu_memory: float | None) -> str:
 
 # -- counting -----------------------------------------------------------------------------------
 
-def _empty_model(recipe: Recipe):
+def _empty_model(recipe: Recipe, method):
     """The recipe's model with its adapter, on the meta device: structure and counts, no memory."""
     import torch
     from accelerate import init_empty_weights
@@ -247,13 +298,17 @@ def _empty_model(recipe: Recipe):
 
     path = resolve_model_path(recipe.model.name)
     config = AutoConfig.from_pretrained(path, revision=recipe.model.revision, trust_remote_code=recipe.model.trust_remote_code)
-    cls = AutoModelForSequenceClassification if recipe.method.kind == "classification" else AutoModelForCausalLM
+    classifier = method.MODEL == "sequence_classifier"
+    labels = method.head_labels(None) if classifier else None  # None: known only from the data
+    if labels:
+        config.num_labels = len(labels)
+    cls = AutoModelForSequenceClassification if classifier else AutoModelForCausalLM
     with init_empty_weights():
         model = cls.from_config(config, dtype=torch.float32, trust_remote_code=recipe.model.trust_remote_code)
     # Tie outside the context: init_empty_weights re-registers the tied head as a second meta tensor.
     model.tie_weights()
     with init_empty_weights():
-        model = apply_adapter(model, recipe.adapter, task="SEQ_CLS" if recipe.method.kind == "classification" else "CAUSAL_LM",
+        model = apply_adapter(model, recipe.adapter, task="SEQ_CLS" if classifier else "CAUSAL_LM",
                               tokenizer_path=path, gradient_checkpointing=False)
     return model, getattr(config, "text_config", config)
 

@@ -2,8 +2,12 @@
 
     recipe.resolved.yaml  manifest.json  metrics.jsonl  summary.json  plots/  checkpoints/  final/
 
-Checkpoints are atomic: the trainer writes into `checkpoints/.staging/`, and only a finished
-checkpoint is renamed into `checkpoints/checkpoint-<step>`, so anything under that name is complete.
+`RunDir` is the one writer of these files: trainers, callbacks and export go through its methods
+(`append_metrics`, `commit_checkpoint`, `write_summary`, `record_export`), which write on rank 0
+only and atomically (a temp file or directory, then a rename), so a killed run never leaves half a
+file behind. Checkpoints: the trainer writes into `checkpoints/.staging/`, and only a finished
+checkpoint is renamed into `checkpoints/checkpoint-<step>`, so anything under that name is complete;
+`commit_checkpoint` also rotates out all but the newest `train.save_total_limit`.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from typing import Any
 from transformers import TrainerCallback
 
 from llmtune import __version__
+from llmtune.distributed import is_main_process, world_size
 from llmtune.errors import UserError
 from llmtune.recipe import Recipe, dump_recipe
 
@@ -31,16 +36,13 @@ CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 TRACKED_PACKAGES = ("torch", "transformers", "peft", "trl", "accelerate", "deepspeed", "datasets", "bitsandbytes")
 
 
-def is_main_process() -> bool:
-    """Rank 0 writes the run directory; other ranks only train."""
-    return int(os.environ.get("RANK", "0")) == 0
-
-
 def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 class RunDir:
+    """A run directory and the only code that writes its metrics, summary and checkpoints."""
+
     def __init__(self, path: Path):
         self.path = path
         self.checkpoints = path / "checkpoints"
@@ -129,6 +131,13 @@ class RunDir:
         rows = [r for r in self.read_metrics() if r.get("step", 0) <= after_step]
         write_atomic(self.metrics, "".join(json.dumps(r) + "\n" for r in rows))
 
+    def append_metrics(self, row: dict) -> None:
+        """One logged step (or held-out measurement) as a line of metrics.jsonl."""
+        if not is_main_process():
+            return
+        with self.metrics.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+
     def read_metrics(self) -> list[dict]:
         if not self.metrics.is_file():
             return []
@@ -137,6 +146,12 @@ class RunDir:
     def write_summary(self, summary: dict) -> None:
         if is_main_process():
             write_atomic(self.summary, json.dumps(summary, indent=2))
+
+    def record_export(self, fmt: str, record: dict) -> None:
+        """An export's record under `export.<format>` of summary.json (export runs after the summary exists)."""
+        summary = self.read_json("summary.json") or {}
+        summary.setdefault("export", {})[fmt] = record
+        self.write_summary(summary)
 
     def read_json(self, name: str) -> dict | None:
         path = self.path / name
@@ -186,7 +201,22 @@ class RunDir:
         plt.close(fig)
         return out
 
-    # -- final model -----------------------------------------------------------------------------
+    # -- checkpoints and final model ---------------------------------------------------------------
+
+    def callback(self, save_total_limit: int) -> RunCallback:
+        """The TrainerCallback every Trainer-based method passes: metrics, checkpoints, progress bar."""
+        return RunCallback(self, save_total_limit)
+
+    def commit_checkpoint(self, name: str, save_total_limit: int) -> None:
+        """Rename a finished checkpoint from staging into place, then keep only the newest ones."""
+        if not is_main_process():
+            return
+        staged = self.staging / name
+        if staged.is_dir():
+            os.replace(staged, self.checkpoints / name)
+        steps = sorted(int(m.group(1)) for p in self.checkpoints.iterdir() if (m := CHECKPOINT_RE.match(p.name)))
+        for step in steps[:-save_total_limit]:
+            shutil.rmtree(self.checkpoints / f"checkpoint-{step}", ignore_errors=True)
 
     def save_final(self, trainer, tokenizer) -> Path:
         """final/: the adapter or full model plus tokenizer, written to a temp dir then renamed.
@@ -205,7 +235,7 @@ class RunDir:
 
 
 class RunCallback(TrainerCallback):
-    """Writes metrics.jsonl, moves finished checkpoints into place, and shows a progress bar."""
+    """A Trainer's link to its RunDir: logged rows to metrics.jsonl, finished checkpoints into place, one progress bar."""
 
     def __init__(self, run: RunDir, save_total_limit: int):
         self.run = run
@@ -238,8 +268,7 @@ class RunCallback(TrainerCallback):
         if torch.cuda.is_available():  # rank 0's peak so far, to set beside `llmtune plan`'s estimate
             row["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20)
         row |= {k: v for k, v in logs.items() if k not in ("loss", "learning_rate")}
-        with self.run.metrics.open("a") as f:
-            f.write(json.dumps(row) + "\n")
+        self.run.append_metrics(row)
         if self.bar is not None:
             self.bar.set_postfix(loss=f"{logs['loss']:.4f}", refresh=False)
 
@@ -248,15 +277,7 @@ class RunCallback(TrainerCallback):
 
         if dist.is_available() and dist.is_initialized():
             dist.barrier()  # every rank has written its part (RNG state, shards) before the rename
-        if not state.is_world_process_zero:
-            return
-        name = f"checkpoint-{state.global_step}"
-        staged = self.run.staging / name
-        if staged.is_dir():
-            os.replace(staged, self.run.checkpoints / name)
-        steps = sorted(int(m.group(1)) for p in self.run.checkpoints.iterdir() if (m := CHECKPOINT_RE.match(p.name)))
-        for step in steps[: -self.save_total_limit]:
-            shutil.rmtree(self.run.checkpoints / f"checkpoint-{step}", ignore_errors=True)
+        self.run.commit_checkpoint(f"checkpoint-{state.global_step}", self.save_total_limit)
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.bar is not None:
@@ -288,7 +309,7 @@ def hardware() -> dict[str, Any]:
     import torch
 
     info: dict[str, Any] = {"platform": platform.platform(), "cpu_count": os.cpu_count(), "processor": platform.processor(),
-                            "world_size": int(os.environ.get("WORLD_SIZE", "1"))}
+                            "world_size": world_size()}
     if torch.cuda.is_available():
         info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
     return info

@@ -122,7 +122,7 @@ def test_ppo_under_a_weight_sharding_engine_is_refused_before_launching(make_rec
 def test_per_rank_seeds_differ_and_rank_0_keeps_the_recipe_seed():
     import torch
 
-    from llmtune.methods import seed_this_rank
+    from llmtune.methods.trainers.hf import seed_this_rank
 
     draws = []
     for rank in (0, 1, 0):

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from llmtune.methods.ppo_core import (AdaptiveKLController, FixedKLController, entropy_of, explained_variance, gae,
+from llmtune.methods.trainers.ppo_core import (AdaptiveKLController, FixedKLController, entropy_of, explained_variance, gae,
                                       logprobs_of, masked_whiten, per_token_rewards, policy_loss, score_with_penalties,
                                       value_loss)
 

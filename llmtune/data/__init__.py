@@ -33,7 +33,12 @@ class PreparedData:
     kind: str = "chat"  # chat | text | preference | prompt | classification (see formats.KIND_OF_FORMAT)
 
 
-def prepare_data(cfg: DataSection, base_dir: Path, tokenizer, seed: int) -> PreparedData:
+def prepare_data(cfg: DataSection, base_dir: Path, tokenizer, seed: int, examples: str | None = None) -> PreparedData:
+    """Read, check, render and tokenize the data section's rows.
+
+    `examples` is what the method trains on (its EXAMPLES, see llmtune.methods); the recipe has
+    already checked that the sources' formats give it. Unset: whatever the formats give.
+    """
     kind = data_kind(cfg)
     if kind != "classification":
         set_chat_template(tokenizer, cfg.chat_template if kind != "text" else "none", base_dir)
@@ -44,7 +49,7 @@ def prepare_data(cfg: DataSection, base_dir: Path, tokenizer, seed: int) -> Prep
     raw_train = [_read(source, base_dir, cfg, seed, drops, fingerprints) for source in cfg.sources]
     raw_eval = [_read(source, base_dir, cfg, seed, drops, fingerprints) for source in cfg.eval_sources]
 
-    cache = TokenizedCache(cfg, fingerprints, tokenizer, seed) if cfg.cache else None
+    cache = TokenizedCache(cfg, fingerprints, tokenizer, seed, examples) if cfg.cache else None
     if cache and (hit := cache.load()):
         print(f"[llmtune] tokenized data reused from the cache ({cache.path})", file=sys.stderr)
         return hit

@@ -21,7 +21,7 @@ CACHE_VERSION = 1  # bump when the tokenized layout changes
 
 
 class TokenizedCache:
-    def __init__(self, cfg, fingerprints: dict[str, str], tokenizer, seed: int):
+    def __init__(self, cfg, fingerprints: dict[str, str], tokenizer, seed: int, examples: str | None = None):
         key = {
             "version": CACHE_VERSION,
             "data": cfg.model_dump(mode="json", exclude={"cache", "strict"}),
@@ -29,6 +29,8 @@ class TokenizedCache:
             "seed": seed,
             "tokenizer": tokenizer_fingerprint(tokenizer),
         }
+        if examples is not None:  # what the method trains on: the same rows can become different examples
+            key["examples"] = examples
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
         self.path = cache_root() / "data" / digest
 

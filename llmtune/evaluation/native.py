@@ -96,13 +96,12 @@ class PeriodicPerplexity(TrainerCallback):
     """Held-out perplexity every `every` optimizer steps, appended to metrics.jsonl as its own row
     ({"step", "eval_loss", "eval_perplexity"}): cheap enough to watch a run without stopping it."""
 
-    def __init__(self, metrics_path: Path, examples: list[tuple[list[int], list[int]]], every: int, batch_size: int):
-        self.metrics_path, self.examples, self.every, self.batch_size = metrics_path, examples, every, batch_size
+    def __init__(self, run, examples: list[tuple[list[int], list[int]]], every: int, batch_size: int):
+        self.run, self.examples, self.every, self.batch_size = run, examples, every, batch_size  # run: a RunDir
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if state.global_step % self.every or not state.is_world_process_zero or model is None:
             return
         result = perplexity(model, self.examples, self.batch_size)
-        with self.metrics_path.open("a") as f:
-            f.write(json.dumps({"step": state.global_step, "eval_loss": round(result["loss"], 6),
-                                "eval_perplexity": round(result["perplexity"], 4)}) + "\n")
+        self.run.append_metrics({"step": state.global_step, "eval_loss": round(result["loss"], 6),
+                                 "eval_perplexity": round(result["perplexity"], 4)})

@@ -7,9 +7,9 @@ so gates, reports and `llmtune eval --compare` treat them like any benchmark.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
+from llmtune.distributed import world_size
 from llmtune.evaluation.gates import check_gates
 from llmtune.evaluation.harness import evaluate_suites
 from llmtune.evaluation.native import PeriodicPerplexity, perplexity, sample_generations, tokenize_held_out
@@ -72,8 +72,8 @@ def periodic_callbacks(recipe: Recipe, run, tokenizer, data) -> list:
     a forward pass on rank 0 alone would stall sharded models under ZeRO-3 / FSDP)."""
     if not recipe.eval.every_n_steps or not data.eval_rows:
         return []
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if world_size() > 1:
         print("[llmtune] eval.every_n_steps: skipped in a multi-process run (held-out figures still come at the end)")
         return []
     examples = tokenize_held_out(data.eval_rows, tokenizer, recipe.data.chat_template)
-    return [PeriodicPerplexity(run.metrics, examples, recipe.eval.every_n_steps, recipe.train.batch_size)]
+    return [PeriodicPerplexity(run, examples, recipe.eval.every_n_steps, recipe.train.batch_size)]

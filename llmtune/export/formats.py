@@ -269,9 +269,6 @@ def _check_replaceable(out_dir: Path) -> None:
 
 
 def _record_in_run(run_dir: Path, fmt: str, record: dict) -> None:
-    from llmtune.runs import write_atomic
+    from llmtune.runs import RunDir
 
-    path = run_dir / "summary.json"
-    summary = json.loads(path.read_text()) if path.is_file() else {}
-    summary.setdefault("export", {})[fmt] = record
-    write_atomic(path, json.dumps(summary, indent=2))
+    RunDir(run_dir).record_export(fmt, record)

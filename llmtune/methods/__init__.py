@@ -1,63 +1,60 @@
-"""Training methods, one module each. What every method's trainer shares lives here."""
+"""Training methods: one module per method, each declaring everything the rest of llmtune needs.
+
+A method module `llmtune/methods/<kind>.py` declares, at its top level:
+
+    KIND                    the recipe's `method.kind`
+    DESCRIPTION             one line: what it trains on and how (the docs of method.kind)
+    FORMATS                 data formats (`data.sources[].format`) it reads
+    EXAMPLES                what llmtune.data turns those rows into: "lm" (input_ids + labels),
+                            "classification", "preference", "prompt" or "feedback"
+    MODEL                   "causal_lm", or "sequence_classifier" (then also `head_labels(data)`: the head's
+                            labels; data is None when planning, and None means "known from the data only")
+    PACKING_AND_STREAMING   whether its rows may be packed, padding-free or streamed (data.packing, ...)
+    WHOLE_WEIGHTS_PER_RANK  True when every rank needs whole weights (refused under DeepSpeed/FSDP)
+    REWARD_MODEL_KEY        its option that takes a reward-model folder (a stage's reward_from_stage), or None
+    OPTIONS                 its recipe section `method.<kind>` (a Section), or None
+    RULES                   cross-field recipe rules: functions recipe -> list of "path.key: problem; fix"
+    memory_terms(shape)     per-GPU bytes `llmtune plan` adds for it (heads, references, pairs, logits)
+    train(recipe, run, model, tokenizer, data, precision, resume_from) -> (trainer, output)
+    evaluates(recipe, data) whether `evaluate` measures anything for this recipe
+    evaluate(recipe, run, model, tokenizer, data, when) -> held-out figures, before and after training
+    training_figures(run)   figures its own trainer measured during training ({"after": ...}), else {}
+
+The recipe schema is built from these modules, so their top level imports only the standard
+library, pydantic, llmtune.recipe.section and llmtune.errors; everything else is imported inside
+their functions. Shared Trainer plumbing lives in llmtune.methods.hf_trainer.
+
+METHODS is the one table from kind to module. It lists this package, so a new method is one new
+module (with its recipe, test and README row) and no edit anywhere else.
+"""
 
 from __future__ import annotations
 
-from llmtune.models.load import Precision, training_device
-from llmtune.recipe import Recipe
-from llmtune.runs import RunDir
+import importlib
+import pkgutil
+from types import ModuleType
+
+PROTOCOL = ("KIND", "DESCRIPTION", "FORMATS", "EXAMPLES", "MODEL", "WHOLE_WEIGHTS_PER_RANK", "REWARD_MODEL_KEY",
+            "PACKING_AND_STREAMING", "OPTIONS", "RULES", "memory_terms", "train", "evaluates", "evaluate", "training_figures")
+MODELS = ("causal_lm", "sequence_classifier")
+EXAMPLE_KINDS = ("lm", "classification", "preference", "prompt", "feedback")
 
 
-def training_arguments(recipe: Recipe, run: RunDir, precision: Precision) -> dict:
-    """TrainingArguments fields every method uses, read from the recipe's train section."""
-    t = recipe.train
-    return dict(
-        output_dir=str(run.staging),  # RunCallback renames each finished checkpoint into checkpoints/
-        max_steps=t.max_steps or -1,
-        num_train_epochs=t.epochs,
-        per_device_train_batch_size=t.batch_size,
-        per_device_eval_batch_size=t.batch_size,
-        gradient_accumulation_steps=t.grad_accum,
-        learning_rate=t.learning_rate,
-        lr_scheduler_type=t.lr_scheduler,
-        warmup_steps=t.warmup,
-        weight_decay=t.weight_decay,
-        max_grad_norm=t.max_grad_norm,
-        optim=t.optimizer,
-        seed=t.seed,
-        data_seed=t.seed,
-        logging_steps=t.logging_steps,
-        save_strategy="steps",
-        save_steps=t.save_steps,
-        save_total_limit=None,  # rotation happens after the rename, in RunCallback
-        activation_checkpointing=t.gradient_checkpointing,  # transformers 5's name for gradient checkpointing
-        dataloader_num_workers=t.dataloader_num_workers,
-        bf16=precision.bf16,
-        fp16=precision.fp16,
-        use_cpu=training_device().type == "cpu",
-        include_num_input_tokens_seen="non_padding",
-        remove_unused_columns=False,
-        report_to="none",
-        disable_tqdm=True,  # RunCallback draws one bar with the loss instead of printing every log dict
-        eval_strategy="no",
-    )
+def _method_modules() -> list[ModuleType]:
+    modules = [importlib.import_module(f"{__name__}.{info.name}") for info in pkgutil.iter_modules(__path__)]
+    methods = [m for m in modules if hasattr(m, "KIND")]
+    for module in methods:
+        missing = [name for name in PROTOCOL if not hasattr(module, name)]
+        # The program's own invariant, not a user error: a method module must declare the whole protocol.
+        assert not missing, f"{module.__name__} does not declare {', '.join(missing)}"
+        assert module.MODEL in MODELS and module.EXAMPLES in EXAMPLE_KINDS, module.__name__
+    return methods
 
 
-def run_trainer(trainer, resume_from: str | None):
-    """Train with llmtune's run-directory callback in place of transformers' log printing."""
-    from transformers.trainer_callback import PrinterCallback
-
-    trainer.remove_callback(PrinterCallback)  # disable_tqdm=True would print every log dict otherwise
-    seed_this_rank(trainer.args)
-    return trainer.train(resume_from_checkpoint=resume_from)
+# sft first: it is the default kind and the one most recipes use; the rest alphabetically.
+METHODS: dict[str, ModuleType] = {m.KIND: m for m in sorted(_method_modules(), key=lambda m: (m.KIND != "sft", m.KIND))}
 
 
-def seed_this_rank(args) -> None:
-    """Dropout and other training-time randomness get a seed per rank (seed + rank).
-
-    Initial weights were drawn before this with the same seed on every rank, so all ranks start
-    identical; the data order comes from the sampler's own seed (data_seed), shared by all ranks so
-    they split one shuffled order. With one process this is the recipe's seed, unchanged.
-    """
-    from transformers import set_seed
-
-    set_seed(args.seed + args.process_index)
+def method_of(recipe) -> ModuleType:
+    """The module of the recipe's method."""
+    return METHODS[recipe.method.kind]

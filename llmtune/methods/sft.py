@@ -2,23 +2,61 @@
 
 Rows arrive with `input_ids` and `labels` (loss mask applied by llmtune.data), so TRL's own
 preparation is skipped and the mask is exactly the one llmtune's data step built and reports.
+Held out: exact match of greedy answers (eval.exact_match), when the recipe asks for it.
 """
 
 from __future__ import annotations
 
-import sys
+from llmtune.errors import UserError
 
-from llmtune.data.collate import PackedRowsCollator, is_varlen_attention
-from llmtune.evaluation.stage import periodic_callbacks
-from llmtune.methods import run_trainer, training_arguments
-from llmtune.models.load import Precision
-from llmtune.recipe import Recipe
-from llmtune.runs import RunCallback, RunDir
+KIND = "sft"
+DESCRIPTION = "supervised fine-tuning: loss on the assistant/completion tokens"
+FORMATS = ("messages", "sharegpt", "alpaca", "prompt_completion", "text")
+EXAMPLES = "lm"
+MODEL = "causal_lm"
+WHOLE_WEIGHTS_PER_RANK = False
+REWARD_MODEL_KEY = None
+OPTIONS = None
+PACKING_AND_STREAMING = True  # the one method whose rows may be packed, padding-free or streamed
+RULES = ()
 
 
-def train_sft(recipe: Recipe, run: RunDir, model, tokenizer, data, precision: Precision, resume_from: str | None):
+def memory_terms(shape) -> dict[str, float]:
+    return {"logits and loss": shape.logits(shape.batch_size)}
+
+
+def evaluates(recipe, data) -> bool:
+    if recipe.eval.exact_match is not None and not data.eval_rows:
+        from llmtune.data import describe_drops
+
+        raise UserError("eval.exact_match: no usable held-out rows (see the drop reasons in the data report)",
+                        describe_drops(data.stats["dropped"]))
+    return recipe.eval.exact_match is not None
+
+
+def evaluate(recipe, run, model, tokenizer, data, when: str) -> dict:
+    """Exact match of the greedy answers to the held-out prompts."""
+    from llmtune.evaluation.exact_match import exact_match
+
+    result = exact_match(model, tokenizer, data.eval_rows, recipe.eval.exact_match, recipe.data.chat_template,
+                         generations_path=run.path / "eval" / f"generations-{when}.jsonl", desc=f"exact match ({when})")
+    print(f"[llmtune] held-out exact match {result['exact_match']:.1%} of {result['n']} {when} training")
+    return result
+
+
+def training_figures(run) -> dict:
+    return {}
+
+
+def train(recipe, run, model, tokenizer, data, precision, resume_from: str | None):
     """Train `model` in place; returns (trainer, TrainOutput)."""
+    import sys
+
     from trl import SFTConfig
+
+    from llmtune.data.collate import PackedRowsCollator, is_varlen_attention
+    from llmtune.evaluation.stage import periodic_callbacks
+    from llmtune.methods.trainers.hf import run_trainer, training_arguments
 
     cfg = recipe.data
     # Packed rows (llmtune.data.pack) carry seq_lengths, turned into position ids restarting per example
@@ -42,7 +80,7 @@ def train_sft(recipe: Recipe, run: RunDir, model, tokenizer, data, precision: Pr
     collator = PackedRowsCollator(tokenizer.pad_token_id) if rows_apart else None
     trainer = _sft_trainer_class()(model=model, args=args, train_dataset=data.train, processing_class=tokenizer,
                                    data_collator=collator,
-                                   callbacks=[RunCallback(run, recipe.train.save_total_limit),
+                                   callbacks=[run.callback(recipe.train.save_total_limit),
                                               *periodic_callbacks(recipe, run, tokenizer, data)])
     return trainer, run_trainer(trainer, resume_from)
 

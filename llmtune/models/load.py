@@ -54,7 +54,9 @@ def for_trainable_weights(precision: Precision, whole_weights_train: bool) -> Pr
 
 def training_device() -> torch.device:
     """This process's accelerator (one per rank under a launcher), or the CPU."""
-    rank = int(os.environ.get("LOCAL_RANK", "0"))
+    from llmtune.distributed import local_rank
+
+    rank = local_rank()
     if torch.cuda.is_available():
         return torch.device("cuda", rank)
     if hasattr(torch, "xpu") and torch.xpu.is_available():

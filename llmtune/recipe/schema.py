@@ -10,15 +10,11 @@ import difflib
 import re
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, create_model, field_validator, model_validator
+
+from llmtune.recipe.section import Section
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
-
-
-class Section(BaseModel):
-    """Base for every recipe section: unknown keys are errors, values are immutable."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
 
 class ModelSection(Section):
@@ -130,110 +126,35 @@ class DataSection(Section):
         return self
 
 
-class PPOSection(Section):
-    """PPO (ours, on Accelerate): rollouts from the policy, rewards, KL penalty, GAE, clipped updates."""
-
-    reward_model: str | None = None
-    """Folder of a reward model (AutoModelForSequenceClassification, 1 label), e.g. a reward run's final/."""
-    reward_function: str | None = None
-    """Python reward function `package.module:function`, called as fn(prompts=..., completions=...) -> floats
-    (TRL's GRPO convention); its output is added to the reward model's score."""
-    max_new_tokens: int = Field(default=32, gt=0)
-    """Longest sampled response per prompt."""
-    temperature: float = Field(default=1.0, gt=0)
-    """Sampling temperature of the rollouts (log-probabilities are taken at the same temperature)."""
-    mini_batch_size: int = Field(default=4, gt=0)
-    """Responses per PPO update; each rollout batch (train.batch_size prompts) is split into these."""
-    ppo_epochs: int = Field(default=4, gt=0)
-    """Passes over each rollout batch."""
-    gamma: float = Field(default=1.0, ge=0, le=1)
-    """GAE discount."""
-    lam: float = Field(default=0.95, ge=0, le=1)
-    """GAE lambda (bias/variance trade-off of the advantages)."""
-    clip_range: float = Field(default=0.2, gt=0)
-    """Policy ratio clipping: updates move pi/pi_old at most this far from 1 per rollout."""
-    clip_range_value: float = Field(default=0.2, gt=0)
-    """Value clipping around the rollout's values."""
-    vf_coef: float = Field(default=0.1, ge=0)
-    """Weight of the value loss (the value head shares the policy's trunk)."""
-    kl_coef: float = Field(default=0.05, ge=0)
-    """Per-token KL penalty coefficient against the reference (initial value when adaptive)."""
-    kl_target: float | None = Field(default=None, gt=0)
-    """Adaptive KL controller: keep the per-response KL near this value; unset: fixed kl_coef."""
-    kl_horizon: int = Field(default=10000, gt=0)
-    """Adaptive KL controller horizon, in responses."""
-    whiten_rewards: bool = False
-    """Scale the per-token rewards to unit variance per rollout batch before GAE."""
-    missing_eos_penalty: float = Field(default=0.0, ge=0)
-    """Subtracted from the score of a response cut at max_new_tokens without EOS."""
-    overlong_after: int | None = Field(default=None, gt=0)
-    """Responses longer than this many tokens lose overlong_penalty per extra token."""
-    overlong_penalty: float = Field(default=0.0, ge=0)
-    """Penalty per token beyond overlong_after."""
-
-
-class RewardSection(Section):
-    """Reward modelling (TRL's RewardTrainer): a 1-output head scoring prompt + response."""
-
-    center_rewards_coefficient: float | None = Field(default=None, ge=0)
-    """Weight of a penalty on the squared mean score, keeping scores centred on 0 (unset: none)."""
-
-
-class DPOSection(Section):
-    """Direct preference optimisation (TRL's DPOTrainer)."""
-
-    beta: float = Field(default=0.1, gt=0)
-    """Strength of the implicit KL constraint to the reference (lower: further from it)."""
-    loss_type: Literal["sigmoid", "hinge", "ipo", "robust"] = "sigmoid"
-    """DPO loss variant (TRL's names): `sigmoid` is the paper's."""
-    label_smoothing: float = Field(default=0.0, ge=0, lt=0.5)
-    """Assumed share of flipped preference labels (conservative / robust DPO)."""
-
-
-class GRPOSection(Section):
-    """Group relative policy optimisation (TRL's GRPOTrainer) on prompts."""
-
-    reward_functions: list[str] = Field(default_factory=list)
-    """Python reward functions `package.module:function` (fn(prompts=..., completions=..., **columns) -> floats)."""
-    reward_models: list[str] = Field(default_factory=list)
-    """Folders of reward models (1-label sequence classifiers, e.g. a reward run's final/)."""
-    num_generations: int = Field(default=4, ge=2)
-    """Completions sampled per prompt; advantages are relative within each group."""
-    max_new_tokens: int = Field(default=64, gt=0)
-    """Longest sampled completion."""
-    temperature: float = Field(default=1.0, gt=0)
-    """Sampling temperature."""
-    beta: float = Field(default=0.0, ge=0)
-    """KL penalty to the reference (0, TRL's default, skips the reference forward pass)."""
-    clip_range: float = Field(default=0.2, gt=0)
-    """Ratio clipping epsilon."""
-    loss_type: Literal["grpo", "dapo", "dr_grpo", "bnpo"] = "dapo"
-    """Token-loss normalisation (TRL's names)."""
-
-
-class MethodSection(Section):
-    kind: Literal["sft", "classification", "reward", "dpo", "grpo", "ppo"] = "sft"
-    """Training method: `sft` (loss on the assistant/completion tokens), `classification` (a new
-    sequence-classification head on the base; labels and their count come from the data), `reward`
-    (a reward model on preference pairs), `dpo` (preference pairs), `grpo` or `ppo` (RLHF on prompts)."""
-    reward: RewardSection = Field(default_factory=RewardSection)
-    """kind reward: reward-model training."""
-    dpo: DPOSection = Field(default_factory=DPOSection)
-    """kind dpo: DPO's loss."""
-    grpo: GRPOSection = Field(default_factory=GRPOSection)
-    """kind grpo: rewards, sampling and GRPO's loss."""
-    ppo: PPOSection = Field(default_factory=PPOSection)
-    """kind ppo: rollouts, rewards and the PPO update."""
-
+class _MethodSectionBase(Section):
     @model_validator(mode="after")
-    def _sections_fit_the_kind(self) -> MethodSection:
+    def _sections_fit_the_kind(self):
         # As for adapters: a method section changed from its default for another kind is an error.
+        from llmtune.methods import METHODS
+
         wrong = [f"method.{name}: applies to kind {name} only, not {self.kind}; remove it"
-                 for name in ("reward", "dpo", "grpo", "ppo")
-                 if name != self.kind and getattr(self, name) != type(self).model_fields[name].get_default(call_default_factory=True)]
+                 for name, method in METHODS.items()
+                 if method.OPTIONS is not None and name != self.kind and getattr(self, name) != method.OPTIONS()]
         if wrong:
             raise ValueError("\n".join(wrong))
         return self
+
+
+def _method_section() -> type[Section]:
+    """The `method` section, assembled from the method modules: `kind` names one of them, and each
+    method with options has its own subsection `method.<kind>` (llmtune/methods/<kind>.py)."""
+    from llmtune.methods import METHODS
+
+    kinds = "; ".join(f"`{kind}`: {method.DESCRIPTION}" for kind, method in METHODS.items())
+    fields: dict = {"kind": (Literal[tuple(METHODS)], Field(default="sft", description=f"Training method. {kinds}."))}
+    for kind, method in METHODS.items():
+        if method.OPTIONS is not None:
+            doc = " ".join((method.OPTIONS.__doc__ or "").split())
+            fields[kind] = (method.OPTIONS, Field(default_factory=method.OPTIONS, description=f"kind {kind}: {doc}"))
+    return create_model("MethodSection", __base__=_MethodSectionBase, __module__=__name__, **fields)
+
+
+MethodSection = _method_section()
 
 
 class AdapterSection(Section):
@@ -376,26 +297,6 @@ class GateSection(Section):
         return self
 
 
-def eval_problems(recipe: Recipe) -> list[str]:
-    """Cross-checks between the eval section and the rest of the recipe."""
-    e, problems = recipe.eval, []
-    if (e.perplexity or e.every_n_steps) and not recipe.data.eval_sources and recipe.data.eval_fraction == 0:
-        problems.append("eval.perplexity: needs held-out rows; set data.eval_sources or data.eval_fraction > 0")
-    if recipe.method.kind == "classification" and (e.perplexity or e.every_n_steps or e.sample_prompts or e.suites or e.tasks):
-        problems.append("eval: perplexity, every_n_steps, sample_prompts, suites and tasks score language models; "
-                        "a classifier reports accuracy and macro-F1 by itself; remove them")
-    # Held-out figures are only measured when asked for; a gate on one that is not would fail the run
-    # after all of its training.
-    measured = {"perplexity": e.perplexity, "exact_match": e.exact_match is not None}
-    for i, gate in enumerate(e.gates):
-        if gate.task == "heldout" and not measured.get(gate.metric, True):
-            fix = "eval.perplexity: true" if gate.metric == "perplexity" else "an eval.exact_match section"
-            problems.append(f"eval.gates[{i}]: heldout/{gate.metric} is not measured by this recipe; add {fix}")
-    if any(g.max_regression is not None for g in e.gates) and not e.before_after:
-        problems.append("eval.gates: max_regression compares with the base model; set eval.before_after: true")
-    return problems
-
-
 class EvalSection(Section):
     exact_match: ExactMatchSection | None = None
     """Greedy-generate each held-out prompt and score exact match with its reference answer."""
@@ -500,125 +401,19 @@ class Recipe(Section):
         if model_name:
             raw["model"]["name"] = model_name
         if reward_model:
+            from llmtune.methods import METHODS
+
             kind = raw["method"]["kind"]
-            if kind == "ppo":
-                raw["method"]["ppo"]["reward_model"] = reward_model
-            else:
-                raw["method"]["grpo"]["reward_models"] = [*raw["method"]["grpo"]["reward_models"], reward_model]
+            key = METHODS[kind].REWARD_MODEL_KEY  # the stage checks refuse reward_from_stage for a method without one
+            options = raw["method"][kind]
+            options[key] = [*options[key], reward_model] if isinstance(options[key], list) else reward_model
         return Recipe.model_validate(raw)
-
-    def _stage_checks(self) -> list[str]:
-        from pydantic import ValidationError
-
-        from llmtune.recipe.load import format_error
-
-        problems, kinds = [], {}
-        for i, stage in enumerate(self.stages):
-            where = f"stages[{i}]"
-            if stage.name in kinds:
-                problems.append(f"{where}.name: {stage.name!r} is used by an earlier stage; stage names must be unique")
-            for key in ("from_stage", "reward_from_stage"):
-                ref = getattr(stage, key)
-                if ref is not None and ref not in kinds:
-                    problems.append(f"{where}.{key}: {ref!r} is not an earlier stage (earlier: {', '.join(kinds) or 'none'})")
-            try:
-                recipe = self.stage_recipe(stage, f"{where}", reward_model="<stage>" if stage.reward_from_stage else None)
-            except ValidationError as exc:
-                problems += [f"{where}." + line for err in exc.errors() for line in format_error(err).splitlines()]
-                kinds[stage.name] = None
-                continue
-            kind = recipe.method.kind
-            if stage.reward_from_stage and kinds.get(stage.reward_from_stage, "reward") != "reward":
-                problems.append(f"{where}.reward_from_stage: stage {stage.reward_from_stage!r} trains {kinds[stage.reward_from_stage]}, not a reward model")
-            if stage.reward_from_stage and kind not in ("ppo", "grpo"):
-                problems.append(f"{where}.reward_from_stage: only ppo and grpo stages use a reward model, not {kind}")
-            if stage.from_stage and kinds.get(stage.from_stage) in ("reward", "classification") and kind not in ("reward", "classification"):
-                problems.append(f"{where}.from_stage: stage {stage.from_stage!r} trains a scoring head, not a language model")
-            kinds[stage.name] = kind
-        return problems
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Recipe:
-        problems = eval_problems(self)
-        if self.eval.exact_match and not self.data.eval_sources and self.data.eval_fraction == 0:
-            problems.append("eval.exact_match: needs held-out rows; set data.eval_sources or data.eval_fraction > 0")
-        if self.launch.num_processes and not self.launch.accelerate_config:
-            problems.append("launch.num_processes: needs launch.accelerate_config (the launch it configures)")
-        if self.export.merged and self.method.kind == "classification":
-            problems.append("export.merged: merged export covers causal language models; a classifier's final/ "
-                            "already loads with AutoPeftModelForSequenceClassification; remove it")
-        elif self.export.merged and self.adapter.kind not in MERGEABLE:
-            problems.append(f"export.merged: adapter kind {self.adapter.kind} cannot be merged "
-                            f"({'final/ is already a full model' if self.adapter.kind in ('full', 'freeze') else 'virtual tokens are not weights'}); remove it")
-        if self.export.formats and self.method.kind == "classification":
-            problems.append("export.formats: export covers causal language models; a classifier's final/ "
-                            "already loads with AutoPeftModelForSequenceClassification; remove it")
-        elif self.adapter.kind in ("prefix", "prompt") and set(self.export.formats) - {"merged"}:
-            problems.append(f"export.formats: a {self.adapter.kind} adapter cannot be merged into its base (virtual tokens are not "
-                            "weights), so it cannot be quantized either; keep only `merged` (it exports the adapter with a "
-                            "reference to its base)")
-        if len(set(self.export.formats)) != len(self.export.formats):
-            problems.append("export.formats: a format is listed twice; list each once")
-        if self.adapter.kind == "prefix" and self.train.gradient_checkpointing:
-            problems.append("adapter.kind: prefix tuning cannot run with gradient checkpointing (PEFT's cached prefix "
-                            "key/values do not survive recomputation); set train.gradient_checkpointing: false")
-        if self.model.quantization != "none" and self.adapter.kind != "lora":
-            problems.append(f"model.quantization: a quantized base trains through LoRA adapters only (QLoRA), "
-                            f"not adapter kind {self.adapter.kind}; set adapter.kind: lora or model.quantization: none")
-        classification = self.method.kind == "classification"
-        formats = METHOD_FORMATS[self.method.kind]
-        for where, sources in (("data.sources", self.data.sources), ("data.eval_sources", self.data.eval_sources)):
-            for i, source in enumerate(sources):
-                if source.format not in formats:
-                    problems.append(f"{where}[{i}].format: method.kind {self.method.kind} reads "
-                                    f"{' or '.join(formats)} rows, not {source.format}")
-        if self.data.streaming and self.method.kind != "sft":
-            problems.append(f"data.streaming: streams sft rows only, not {self.method.kind}; set data.streaming: false")
-        if self.data.streaming and not self.train.max_steps:
-            problems.append("data.streaming: a stream has no known length; set train.max_steps")
-        if (self.data.packing or self.data.padding_free) and self.method.kind != "sft":
-            problems.append(f"data.packing: packing and padding_free apply to sft, not {self.method.kind}; remove them")
-        elif (self.data.packing or self.data.padding_free) and self.adapter.kind in ("prefix", "prompt"):
-            problems.append(f"data.packing: {self.adapter.kind} tuning prepends virtual tokens to each row, which "
-                            "packed examples would share; set data.packing and data.padding_free to false")
-        if classification and self.eval.exact_match:
-            problems.append("eval.exact_match: scores generated text; classification reports accuracy and macro-F1 by itself; remove it")
-        problems += self._alignment_checks()
-        if self.stages:
-            problems += self._stage_checks()
+        from llmtune.recipe.rules import check_rules
+
+        problems = check_rules(self)
         if problems:
             raise ValueError("\n".join(problems))
         return self
-
-    def _alignment_checks(self) -> list[str]:
-        kind, problems = self.method.kind, []
-        if kind in ("reward", "dpo", "grpo", "ppo") and self.eval.exact_match:
-            problems.append(f"eval.exact_match: scores answers to held-out chat rows; method.kind {kind} reads "
-                            f"{' or '.join(METHOD_FORMATS[kind])} rows; remove it")
-        if kind == "reward" and self.export.merged:
-            problems.append("export.merged: a reward run's final/ is already a merged AutoModelForSequenceClassification; remove it")
-        if kind == "ppo" and self.method.ppo.mini_batch_size > self.train.batch_size:
-            problems.append(f"method.ppo.mini_batch_size: {self.method.ppo.mini_batch_size} is larger than the rollout "
-                            f"batch (train.batch_size={self.train.batch_size}); lower it")
-        ppo, grpo = self.method.ppo, self.method.grpo
-        if kind == "ppo" and not (ppo.reward_model or ppo.reward_function) and not self.stages:
-            problems.append("method.ppo: needs a reward: set reward_model (a folder) and/or reward_function "
-                            "(or reward_from_stage in a pipeline stage)")
-        if kind == "grpo" and not (grpo.reward_functions or grpo.reward_models) and not self.stages:
-            problems.append("method.grpo: needs a reward: set reward_functions and/or reward_models "
-                            "(or reward_from_stage in a pipeline stage)")
-        if kind == "ppo" and self.train.grad_accum != 1:
-            problems.append("train.grad_accum: PPO takes one optimizer step per mini-batch; set method.ppo.mini_batch_size instead")
-        return problems
-
-
-MERGEABLE = ("lora", "ia3")
-# The data formats each method reads (what the data step turns them into must match the trainer).
-METHOD_FORMATS = {
-    "sft": ("messages", "sharegpt", "alpaca", "prompt_completion", "text"),
-    "classification": ("classification",),
-    "reward": ("preference",),
-    "dpo": ("preference",),
-    "grpo": ("prompt_only", "preference"),  # preference rows give their prompts
-    "ppo": ("prompt_only", "preference"),
-}
