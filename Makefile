@@ -19,6 +19,11 @@ install: $(BIN)/llmtune
 quickstart: install
 	$(BIN)/llmtune train recipes/quickstart.yaml
 
+# ruff: the linter and the formatter's check (`$(BIN)/ruff format llmtune tests bench` applies it).
+lint: install
+	$(BIN)/ruff check llmtune tests bench
+	$(BIN)/ruff format --check llmtune tests bench
+
 # Every test, the slow end-to-end ones included (CI runs exactly this).
 test: install
 	$(BIN)/python -m pytest -m "" -q
@@ -27,4 +32,4 @@ test: install
 test-fast: install
 	$(BIN)/python -m pytest -q
 
-.PHONY: install quickstart test test-fast
+.PHONY: install quickstart lint test test-fast

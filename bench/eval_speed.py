@@ -7,7 +7,8 @@ data, scoring, writing results), on the embedded SmolLM2-135M-Instruct (its cach
 folder) in fp32 on the CPU, batch size 8:
 
     llmtune eval --model DIR --tasks TASK --include-path TASKS --limit N --batch-size 8 --output ...
-    lm_eval --model hf --model_args pretrained=DIR,dtype=float32 --device cpu --tasks TASK --include_path TASKS --limit N --batch_size 8 --output_path ...
+    lm_eval --model hf --model_args pretrained=DIR,dtype=float32 --device cpu --tasks TASK \
+        --include_path TASKS --limit N --batch_size 8 --output_path ...
 
 The task is ARC-Easy in lm_eval's own prompt format, read from /work/shared/data/eval/ (a local
 copy of the validation split; the bench says so and stops when it is absent), or `--task
@@ -74,26 +75,83 @@ def main() -> None:
         tasks_dir = work / "tasks"
         tasks_dir.mkdir()
         (tasks_dir / "arc_easy_local.yaml").write_text(ARC_TASK.format(path=ARC))
-    env = os.environ | {"PYTHONPATH": str(ROOT), "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = os.environ | {
+        "PYTHONPATH": str(ROOT),
+        "HF_DATASETS_OFFLINE": "1",
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
     bin_dir = Path(sys.executable).parent
     common = ["--limit", str(args.limit)]
     times: dict[str, list[float]] = {"lm_eval": [], "llmtune": []}
     for r in range(args.rounds):
         lm_out, our_out = work / f"lm_eval-{r}", work / f"llmtune-{r}"
-        times["lm_eval"].append(timed([str(bin_dir / "lm_eval"), "--model", "hf", "--model_args", f"pretrained={model_dir},dtype=float32",
-                                       "--device", "cpu", "--tasks", args.task, "--include_path", str(tasks_dir), "--batch_size", "8",
-                                       "--output_path", str(lm_out), *common], env))
-        times["llmtune"].append(timed([sys.executable, "-m", "llmtune.cli", "eval", "--model", str(model_dir), "--tasks", args.task,
-                                       "--include-path", str(tasks_dir), "--batch-size", "8", "--output", str(our_out), *common], env))
+        times["lm_eval"].append(
+            timed(
+                [
+                    str(bin_dir / "lm_eval"),
+                    "--model",
+                    "hf",
+                    "--model_args",
+                    f"pretrained={model_dir},dtype=float32",
+                    "--device",
+                    "cpu",
+                    "--tasks",
+                    args.task,
+                    "--include_path",
+                    str(tasks_dir),
+                    "--batch_size",
+                    "8",
+                    "--output_path",
+                    str(lm_out),
+                    *common,
+                ],
+                env,
+            )
+        )
+        times["llmtune"].append(
+            timed(
+                [
+                    sys.executable,
+                    "-m",
+                    "llmtune.cli",
+                    "eval",
+                    "--model",
+                    str(model_dir),
+                    "--tasks",
+                    args.task,
+                    "--include-path",
+                    str(tasks_dir),
+                    "--batch-size",
+                    "8",
+                    "--output",
+                    str(our_out),
+                    *common,
+                ],
+                env,
+            )
+        )
         print(f"round {r + 1}: lm_eval {times['lm_eval'][-1]:.1f} s, llmtune {times['llmtune'][-1]:.1f} s", flush=True)
 
     theirs = json.loads(next(lm_out.rglob("results_*.json")).read_text())["results"][args.task]
     ours = json.loads((our_out / "summary.json").read_text())["eval"]["tasks"]["after"][args.task]["metrics"]
     same = all(ours[m]["value"] == theirs[f"{m},none"] for m in ours if f"{m},none" in theirs)
     mean = {k: statistics.mean(v) for k, v in times.items()}
-    print(json.dumps({"task": args.task, "limit": args.limit, "rounds": args.rounds, "wall_s": times,
-                      "mean_s": {k: round(v, 1) for k, v in mean.items()}, "ratio_llmtune_over_lm_eval": round(mean["llmtune"] / mean["lm_eval"], 3),
-                      "figures": {m: v["value"] for m, v in ours.items()}, "same_figures_as_lm_eval": same}, indent=2))
+    print(
+        json.dumps(
+            {
+                "task": args.task,
+                "limit": args.limit,
+                "rounds": args.rounds,
+                "wall_s": times,
+                "mean_s": {k: round(v, 1) for k, v in mean.items()},
+                "ratio_llmtune_over_lm_eval": round(mean["llmtune"] / mean["lm_eval"], 3),
+                "figures": {m: v["value"] for m, v in ours.items()},
+                "same_figures_as_lm_eval": same,
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

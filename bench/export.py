@@ -57,14 +57,18 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         c = r["cost"]
-        print(f"| `{r['format']}` | {r['bytes'] / 1e6:.1f} MB | {c['perplexity_reference']:.4f} -> {c['perplexity']:.4f} | "
-              f"{c['perplexity_change']:+.2%} | {c['top1_agreement']:.2%} | {c['max_abs_logit_diff']:.3g} | "
-              f"{'ok' if r['ok'] else 'FAILED'} | {r['seconds']} |")
+        print(
+            f"| `{r['format']}` | {r['bytes'] / 1e6:.1f} MB | {c['perplexity_reference']:.4f} -> {c['perplexity']:.4f} | "
+            f"{c['perplexity_change']:+.2%} | {c['top1_agreement']:.2%} | {c['max_abs_logit_diff']:.3g} | "
+            f"{'ok' if r['ok'] else 'FAILED'} | {r['seconds']} |"
+        )
     print(f"\nheld-out text: {rows[0]['heldout']}; {rows[0]['cost']['tokens']} predicted tokens")
     merged = next((r for r in rows if r["format"] == "merged"), None)
     if baseline and merged:
-        print(f"merged export {merged['seconds']} s vs plain merge_and_unload + save_pretrained {baseline:.1f} s: "
-              f"ratio {merged['seconds'] / baseline:.2f}x (the difference is the reload and measurement)")
+        print(
+            f"merged export {merged['seconds']} s vs plain merge_and_unload + save_pretrained {baseline:.1f} s: "
+            f"ratio {merged['seconds'] / baseline:.2f}x (the difference is the reload and measurement)"
+        )
     print(json.dumps({r["format"]: {k: r[k] for k in ("bytes", "ok", "seconds")} | r["cost"] for r in rows}))
 
 

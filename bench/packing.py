@@ -40,8 +40,14 @@ def write_data(out: Path) -> tuple[Path, str]:
     print(f"{ALPACA} not found: writing variable-length rows instead")
     rng = random.Random(0)
     words = "the of and to a in that is was he for it with as his on be at by had".split()
-    rows = [{"instruction": " ".join(rng.choices(words, k=rng.randint(3, 40))),
-             "input": "", "output": " ".join(rng.choices(words, k=rng.choice([5, 20, 60, 200])))} for _ in range(600)]
+    rows = [
+        {
+            "instruction": " ".join(rng.choices(words, k=rng.randint(3, 40))),
+            "input": "",
+            "output": " ".join(rng.choices(words, k=rng.choice([5, 20, 60, 200]))),
+        }
+        for _ in range(600)
+    ]
     path = out / "variable.json"
     path.write_text(json.dumps(rows))
     return path, "alpaca"
@@ -53,11 +59,17 @@ def run(name: str, data: Path, fmt: str, packing: bool, steps: int, out: Path) -
 
     recipe = {
         "name": f"bench-{name}",
-        "data": {"sources": [{"path": str(data), "format": fmt}], "max_length": 1024, "packing": packing,
-                 "eval_fraction": 0.05},
+        "data": {"sources": [{"path": str(data), "format": fmt}], "max_length": 1024, "packing": packing, "eval_fraction": 0.05},
         "adapter": {"kind": "lora", "r": 16, "alpha": 32},
-        "train": {"max_steps": steps, "batch_size": 4 if packing else 8, "learning_rate": 2e-4, "warmup": 0,
-                  "save_steps": 100000, "output_dir": str(out / name), "seed": 0},
+        "train": {
+            "max_steps": steps,
+            "batch_size": 4 if packing else 8,
+            "learning_rate": 2e-4,
+            "warmup": 0,
+            "save_steps": 100000,
+            "output_dir": str(out / name),
+            "seed": 0,
+        },
     }
     path = out / f"{name}.yaml"
     path.write_text(yaml.safe_dump(recipe))
@@ -93,12 +105,14 @@ def heldout_loss_per_token(data: Path, fmt: str, packing: bool, out: Path) -> fl
     total, n, size = 0.0, 0, 4 if packing else 8
     with torch.no_grad():
         for i in range(0, len(rows), size):
-            batch = collate([{k: v for k, v in row.items() if k in ("input_ids", "labels", "seq_lengths")}
-                             for row in rows[i:i + size]])
+            batch = collate(
+                [{k: v for k, v in row.items() if k in ("input_ids", "labels", "seq_lengths")} for row in rows[i : i + size]]
+            )
             logits = model(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False).logits
             labels = batch["labels"][:, 1:]
-            total += torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels.flatten(), ignore_index=-100,
-                                                       reduction="sum").item()
+            total += torch.nn.functional.cross_entropy(
+                logits[:, :-1].flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum"
+            ).item()
             n += (labels != -100).sum().item()
     return total / n
 
@@ -119,14 +133,17 @@ def main() -> None:
                 result = run(f"{name}{i}", data, fmt, name == "packing", args.steps, out)
                 speeds[name].append(tokens_per_s(result["metrics"], args.warmup))
                 train_loss = statistics.mean(r["loss"] for r in result["metrics"] if "loss" in r)
-                print(f"[bench] {name} round {i}: {speeds[name][-1]:.1f} tokens/s, mean training loss {train_loss:.4f}, "
-                      f"data {result['summary']['data'].get('packing', 'not packed')}")
+                print(
+                    f"[bench] {name} round {i}: {speeds[name][-1]:.1f} tokens/s, mean training loss {train_loss:.4f}, "
+                    f"data {result['summary']['data'].get('packing', 'not packed')}"
+                )
     print(f"\nPacking vs padding, {data.name}, {args.steps} steps ({args.warmup} warm-up) x {args.rounds} round(s)")
     for name, values in speeds.items():
-        print(f"  {name:8s} {statistics.mean(values):8.1f} tokens/s   held-out loss per token (initial model) "
-              f"{losses[name]:.6f}")
-    print(f"  ratio packing / padding: {statistics.mean(speeds['packing']) / statistics.mean(speeds['padding']):.2f}x "
-          f"(target >= 1.5); loss per token differs by {abs(losses['packing'] - losses['padding']):.2e}")
+        print(f"  {name:8s} {statistics.mean(values):8.1f} tokens/s   held-out loss per token (initial model) {losses[name]:.6f}")
+    print(
+        f"  ratio packing / padding: {statistics.mean(speeds['packing']) / statistics.mean(speeds['padding']):.2f}x "
+        f"(target >= 1.5); loss per token differs by {abs(losses['packing'] - losses['padding']):.2e}"
+    )
 
 
 if __name__ == "__main__":

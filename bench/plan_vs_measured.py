@@ -75,11 +75,20 @@ def estimate(case: str, batch: int, seq_len: int) -> dict:
     from llmtune.recipe.schema import Recipe
 
     adapter = {"kind": case} if case != "lora" else {"kind": "lora", "r": 16}
-    recipe = Recipe.model_validate({"data": {"sources": [{"path": "unused.jsonl"}], "max_length": seq_len},
-                                    "adapter": adapter, "train": {"batch_size": batch}})
+    recipe = Recipe.model_validate(
+        {
+            "data": {"sources": [{"path": "unused.jsonl"}], "max_length": seq_len},
+            "adapter": adapter,
+            "train": {"batch_size": batch},
+        }
+    )
     plan = estimate_memory(recipe, None, device="cpu")
-    return {"peak": plan.peak_bytes, "activations": plan.gpu["activations"], "logits": plan.gpu["logits and loss"],
-            "trainable": plan.trainable_params}
+    return {
+        "peak": plan.peak_bytes,
+        "activations": plan.gpu["activations"],
+        "logits": plan.gpu["logits and loss"],
+        "trainable": plan.trainable_params,
+    }
 
 
 def main() -> None:
@@ -94,19 +103,38 @@ def main() -> None:
         print(json.dumps(measure(args._measure, args.batch, args.seq_len, args.steps)))
         return
     print(f"SmolLM2-135M-Instruct, fp32, CPU, batch {args.batch} x {args.seq_len} tokens, {args.steps} AdamW steps\n")
-    print("| case | plan: peak | measured: peak RSS growth | ratio | plan: activations + logits | measured: saved for backward | ratio |")
+    print(
+        "| case | plan: peak | measured: peak RSS growth | ratio "
+        "| plan: activations + logits | measured: saved for backward | ratio |"
+    )
     print("|---|---|---|---|---|---|---|")
     for case in args.cases.split(","):
-        out = subprocess.run([sys.executable, __file__, "--_measure", case, "--batch", str(args.batch),
-                              "--seq-len", str(args.seq_len), "--steps", str(args.steps)],
-                             capture_output=True, text=True, check=True)
+        out = subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--_measure",
+                case,
+                "--batch",
+                str(args.batch),
+                "--seq-len",
+                str(args.seq_len),
+                "--steps",
+                str(args.steps),
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         measured = json.loads(out.stdout.strip().splitlines()[-1])
         est = estimate(case, args.batch, args.seq_len)
         # The plan's logits row also holds their gradient (a third of it); autograd saves the rest.
         saved_est = est["activations"] + est["logits"] * 2 / 3
-        print(f"| {case} | {est['peak'] / 1e9:.2f} GB | {measured['rss_growth'] / 1e9:.2f} GB | "
-              f"{est['peak'] / measured['rss_growth']:.2f} | {saved_est / 1e9:.2f} GB | "
-              f"{measured['saved_for_backward'] / 1e9:.2f} GB | {saved_est / measured['saved_for_backward']:.2f} |")
+        print(
+            f"| {case} | {est['peak'] / 1e9:.2f} GB | {measured['rss_growth'] / 1e9:.2f} GB | "
+            f"{est['peak'] / measured['rss_growth']:.2f} | {saved_est / 1e9:.2f} GB | "
+            f"{measured['saved_for_backward'] / 1e9:.2f} GB | {saved_est / measured['saved_for_backward']:.2f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ def main() -> None:
     rows = [json.loads(line) for line in gzip.open(DATA, "rt")]
     work = Path(tempfile.mkdtemp(prefix="reward-hh-"))
     (work / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[: args.train]))
-    (work / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[-args.test:]))
+    (work / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[-args.test :]))
     recipe_text = f"""
 model: {{name: smollm2-135m-instruct}}
 data:
@@ -44,7 +44,7 @@ data:
 method: {{kind: reward}}
 adapter: {{kind: lora, r: 16, alpha: 32, target_modules: attention}}
 train:
-  output_dir: {args.out or work / 'run'}
+  output_dir: {args.out or work / "run"}
   max_steps: {args.steps}
   batch_size: 8
   learning_rate: 5.0e-4
@@ -57,9 +57,19 @@ train:
 
     result = run_recipe(*load_recipe(work / "recipe.yaml"))
     after = result.summary["eval"]["after"]
-    print(json.dumps({"pairs_train": result.summary["data"]["train_rows"], "pairs_held_out": after["n"],
-                      "held_out_accuracy": after["accuracy"], "held_out_margin": after["margin"],
-                      "steps": args.steps, "runtime_s": result.summary["train"]["runtime_s"]}, indent=2))
+    print(
+        json.dumps(
+            {
+                "pairs_train": result.summary["data"]["train_rows"],
+                "pairs_held_out": after["n"],
+                "held_out_accuracy": after["accuracy"],
+                "held_out_margin": after["margin"],
+                "steps": args.steps,
+                "runtime_s": result.summary["train"]["runtime_s"],
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -27,11 +27,22 @@ def llmtune_tokens_per_s(steps: int, warmup: int, out: Path) -> float:
     from llmtune.pipeline import run_recipe
     from llmtune.recipe import load_recipe
 
-    recipe, recipe_dir = load_recipe(RECIPE, [f"train.max_steps={steps}", f"train.output_dir={out}", "train.save_steps=100000",
-                                              "eval.exact_match=null", "eval.before_after=false", "train.warmup=0"])
+    recipe, recipe_dir = load_recipe(
+        RECIPE,
+        [
+            f"train.max_steps={steps}",
+            f"train.output_dir={out}",
+            "train.save_steps=100000",
+            "eval.exact_match=null",
+            "eval.before_after=false",
+            "train.warmup=0",
+        ],
+    )
     run = run_recipe(recipe, recipe_dir).run
     rows = [r for r in run.read_metrics() if r["step"] > warmup]
-    tokens = rows[-1]["num_input_tokens_seen"] - next(r for r in run.read_metrics() if r["step"] == warmup)["num_input_tokens_seen"]
+    tokens = (
+        rows[-1]["num_input_tokens_seen"] - next(r for r in run.read_metrics() if r["step"] == warmup)["num_input_tokens_seen"]
+    )
     return tokens / sum(r["step_time_s"] for r in rows)
 
 
@@ -62,10 +73,22 @@ def plain_trl_tokens_per_s(steps: int, warmup: int, out: Path) -> float:
         processing_class=AutoTokenizer.from_pretrained(path),
         train_dataset=dataset,
         peft_config=LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"),
-        args=SFTConfig(output_dir=str(out), max_steps=steps, per_device_train_batch_size=8, learning_rate=1e-3,
-                       lr_scheduler_type="cosine", gradient_checkpointing=False, use_cpu=True, bf16=False,
-                       logging_steps=1, save_strategy="no", report_to="none", disable_tqdm=True, seed=42,
-                       include_num_input_tokens_seen="non_padding"),
+        args=SFTConfig(
+            output_dir=str(out),
+            max_steps=steps,
+            per_device_train_batch_size=8,
+            learning_rate=1e-3,
+            lr_scheduler_type="cosine",
+            gradient_checkpointing=False,
+            use_cpu=True,
+            bf16=False,
+            logging_steps=1,
+            save_strategy="no",
+            report_to="none",
+            disable_tqdm=True,
+            seed=42,
+            include_num_input_tokens_seen="non_padding",
+        ),
         callbacks=[timer],
     )
     trainer.train()

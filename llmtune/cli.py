@@ -58,73 +58,135 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks for input errors too")
     verbs = parser.add_subparsers(title="verbs", metavar="VERB")
 
-    p = verbs.add_parser("validate", help="check a recipe and report every problem at once",
-                         description="Check a recipe (with overrides) and report every problem at once.")
+    p = verbs.add_parser(
+        "validate",
+        help="check a recipe and report every problem at once",
+        description="Check a recipe (with overrides) and report every problem at once.",
+    )
     _recipe_args(p)
     p.set_defaults(func=cmd_validate)
 
-    p = verbs.add_parser("train", help="run a recipe: train, then evaluate and export as it says",
-                         description="Run every stage the recipe names; prints the run directory.")
+    p = verbs.add_parser(
+        "train",
+        help="run a recipe: train, then evaluate and export as it says",
+        description="Run every stage the recipe names; prints the run directory.",
+    )
     _recipe_args(p)
-    p.add_argument("--resume", action="store_true",
-                   help="continue train.output_dir (default: the newest run of this recipe) from its newest complete checkpoint")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue train.output_dir (default: the newest run of this recipe) from its newest complete checkpoint",
+    )
     _launch_args(p)
     p.set_defaults(func=cmd_train)
 
-    p = verbs.add_parser("data", help="inspect a recipe's data before training",
-                         description="Inspect a recipe's data before training.")
+    p = verbs.add_parser(
+        "data", help="inspect a recipe's data before training", description="Inspect a recipe's data before training."
+    )
     data_verbs = p.add_subparsers(title="data verbs", metavar="DATA_VERB")
-    q = data_verbs.add_parser("preview", help="rendered examples with loss tokens marked, lengths, dropped rows",
-                              description="Render the first training examples with the tokens that carry loss "
-                                          "highlighted, a token-length histogram, and rows kept and dropped per reason.")
+    q = data_verbs.add_parser(
+        "preview",
+        help="rendered examples with loss tokens marked, lengths, dropped rows",
+        description="Render the first training examples with the tokens that carry loss "
+        "highlighted, a token-length histogram, and rows kept and dropped per reason.",
+    )
     _recipe_args(q)
     q.add_argument("--n", type=int, default=3, help="examples to show (default 3)")
     q.add_argument("--json", action="store_true", help="print the preview as JSON instead")
     q.set_defaults(func=cmd_data_preview)
     q.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks for input errors too")
 
-    p = verbs.add_parser("export", help="export a run or model as merged, bitsandbytes or GGUF, verified",
-                         description="Write a deployable artifact (model card, report.md, summary.json included), reload it "
-                                     "with plain transformers and measure what the export cost against the model it came "
-                                     "from: perplexity change, top-1 next-token agreement, logit differences.")
+    p = verbs.add_parser(
+        "export",
+        help="export a run or model as merged, bitsandbytes or GGUF, verified",
+        description="Write a deployable artifact (model card, report.md, summary.json included), reload it "
+        "with plain transformers and measure what the export cost against the model it came "
+        "from: perplexity change, top-1 next-token agreement, logit differences.",
+    )
     p.add_argument("source", metavar="RUN_DIR_OR_MODEL", help="a run directory, a model directory or a built-in model name")
-    p.add_argument("--format", dest="formats", action="append", required=True, metavar="FORMAT",
-                   help="merged, bnb-8bit, bnb-4bit, gguf-f16, gguf-q8_0 or gguf-q4_0; repeat for several, or 'all'")
+    p.add_argument(
+        "--format",
+        dest="formats",
+        action="append",
+        required=True,
+        metavar="FORMAT",
+        help="merged, bnb-8bit, bnb-4bit, gguf-f16, gguf-q8_0 or gguf-q4_0; repeat for several, or 'all'",
+    )
     p.add_argument("--output", help="export directory (one format only); default RUN_DIR/export/FORMAT, or exports/NAME-FORMAT")
     p.set_defaults(func=cmd_export)
 
-    p = verbs.add_parser("plan", help="estimate per-GPU memory of a recipe before launching it",
-                         description="Estimate per-GPU memory (parameters, gradients, optimizer states, activations) "
-                                     "from the model config alone (empty weights, nothing downloaded but the config), "
-                                     "under the recipe's method, precision, batch shape and launch (DDP, ZeRO stage, FSDP).")
+    p = verbs.add_parser(
+        "plan",
+        help="estimate per-GPU memory of a recipe before launching it",
+        description="Estimate per-GPU memory (parameters, gradients, optimizer states, activations) "
+        "from the model config alone (empty weights, nothing downloaded but the config), "
+        "under the recipe's method, precision, batch shape and launch (DDP, ZeRO stage, FSDP).",
+    )
     _recipe_args(p)
-    p.add_argument("--accelerate-config", metavar="NAME|PATH",
-                   help="plan for this launch (default: the recipe's launch.accelerate_config)")
+    p.add_argument(
+        "--accelerate-config", metavar="NAME|PATH", help="plan for this launch (default: the recipe's launch.accelerate_config)"
+    )
     p.add_argument("--num-processes", type=int, metavar="N", help="processes (GPUs) in the launch; default: the config's")
-    p.add_argument("--gpu-memory", type=float, metavar="GB",
-                   help="memory of one GPU to check against; default: the visible GPUs' (none on a CPU machine)")
-    p.add_argument("--device", choices=["cuda", "cpu"], default=None,
-                   help="plan for GPUs or for the CPU (the loss path differs); default: cuda when a GPU is visible, else cpu")
+    p.add_argument(
+        "--gpu-memory",
+        type=float,
+        metavar="GB",
+        help="memory of one GPU to check against; default: the visible GPUs' (none on a CPU machine)",
+    )
+    p.add_argument(
+        "--device",
+        choices=["cuda", "cpu"],
+        default=None,
+        help="plan for GPUs or for the CPU (the loss path differs); default: cuda when a GPU is visible, else cpu",
+    )
     p.add_argument("--json", action="store_true", help="print the estimate as JSON")
     p.set_defaults(func=cmd_plan)
 
-    p = verbs.add_parser("ls", help="list shipped recipes and built-in models",
-                         description="List shipped recipes and built-in models.")
+    p = verbs.add_parser(
+        "ls", help="list shipped recipes and built-in models", description="List shipped recipes and built-in models."
+    )
     p.set_defaults(func=cmd_ls)
 
-    p = verbs.add_parser("eval", help="run lm-evaluation-harness suites on any model, or compare two results",
-                         description="Evaluate a model (built-in name, local folder, hub id or llmtune run directory) on "
-                                     "eval suites through lm-evaluation-harness; or compare two results with --compare.")
+    p = verbs.add_parser(
+        "eval",
+        help="run lm-evaluation-harness suites on any model, or compare two results",
+        description="Evaluate a model (built-in name, local folder, hub id or llmtune run directory) on "
+        "eval suites through lm-evaluation-harness; or compare two results with --compare.",
+    )
     p.add_argument("recipe", nargs="?", help="recipe YAML: its model.name and eval section (suites, tasks, limit, include_paths)")
-    p.add_argument("--model", help="model to evaluate: built-in name, local folder (model or PEFT adapter), hub id, or run directory")
-    p.add_argument("--suite", action="append", default=[], metavar="NAME|FILE", help="suite name under eval/suites/ or a suite YAML file (repeatable)")
+    p.add_argument(
+        "--model", help="model to evaluate: built-in name, local folder (model or PEFT adapter), hub id, or run directory"
+    )
+    p.add_argument(
+        "--suite",
+        action="append",
+        default=[],
+        metavar="NAME|FILE",
+        help="suite name under eval/suites/ or a suite YAML file (repeatable)",
+    )
     p.add_argument("--tasks", help="comma-separated lm_eval task names, every metric reported")
     p.add_argument("--limit", type=int, help="score at most N rows of each task")
-    p.add_argument("--include-path", action="append", default=[], metavar="DIR", help="folder of task YAML files in lm_eval's format (repeatable)")
+    p.add_argument(
+        "--include-path",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="folder of task YAML files in lm_eval's format (repeatable)",
+    )
     p.add_argument("--output", metavar="DIR", help="folder for the results (default runs/eval-<model>-<timestamp>)")
     p.add_argument("--batch-size", default="auto", help="lm_eval batch size (default auto: lm_eval's search on GPUs, 8 on CPUs)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"], help="weight precision (default auto: bf16 on capable GPUs, fp32 elsewhere)")
-    p.add_argument("--compare", nargs=2, metavar=("RUN_A", "RUN_B"), help="print the differences between two results (run or eval folders); evaluates nothing")
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="weight precision (default auto: bf16 on capable GPUs, fp32 elsewhere)",
+    )
+    p.add_argument(
+        "--compare",
+        nargs=2,
+        metavar=("RUN_A", "RUN_B"),
+        help="print the differences between two results (run or eval folders); evaluates nothing",
+    )
     p.set_defaults(func=cmd_eval)
 
     for sub in verbs.choices.values():  # --debug works before or after the verb
@@ -133,10 +195,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _launch_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("launch (multi-GPU / multi-node through `accelerate launch`; flags win over the recipe's launch section)")
-    g.add_argument("--accelerate-config", metavar="NAME|PATH",
-                   help="accelerate config file, or a shipped one: " + ", ".join(_shipped_config_names()))
-    g.add_argument("--num-processes", type=int, metavar="N", help="processes in all (default: one per visible GPU, on every machine)")
+    g = p.add_argument_group(
+        "launch (multi-GPU / multi-node through `accelerate launch`; flags win over the recipe's launch section)"
+    )
+    g.add_argument(
+        "--accelerate-config",
+        metavar="NAME|PATH",
+        help="accelerate config file, or a shipped one: " + ", ".join(_shipped_config_names()),
+    )
+    g.add_argument(
+        "--num-processes", type=int, metavar="N", help="processes in all (default: one per visible GPU, on every machine)"
+    )
     g.add_argument("--num-machines", type=int, metavar="M", help="machines in a multi-node run")
     g.add_argument("--machine-rank", type=int, metavar="R", help="this machine's rank, 0 .. M-1")
     g.add_argument("--main-process-ip", metavar="IP", help="address of the rank-0 machine")
@@ -158,8 +227,10 @@ def cmd_validate(args) -> None:
     recipe, _ = load_recipe(args.recipe, args.overrides)
     if recipe.stages:
         stages = [recipe.stage_recipe(stage, stage.name) for stage in recipe.stages]
-        print(f"{args.recipe}: ok (stages: {' -> '.join(f'{st.name} ({r.method.kind})' for st, r in zip(recipe.stages, stages))} "
-              f"on {recipe.model.name})")
+        print(
+            f"{args.recipe}: ok (stages: {' -> '.join(f'{st.name} ({r.method.kind})' for st, r in zip(recipe.stages, stages))} "
+            f"on {recipe.model.name})"
+        )
         return
     print(f"{args.recipe}: ok ({recipe.method.kind} with {recipe.adapter.kind} on {recipe.model.name})")
 
@@ -178,8 +249,8 @@ def cmd_train(args) -> None:
     agreed = agree_on_run_dir(recipe, args.resume)
     if agreed:  # the user's own multi-process launch: every rank writes where rank 0 chose
         recipe, recipe_dir = load_recipe(args.recipe, [*args.overrides, f"train.output_dir={agreed}"])
-    from llmtune.pipeline import run_recipe
     from llmtune.distributed import is_main_process
+    from llmtune.pipeline import run_recipe
 
     run = run_recipe(recipe, recipe_dir, resume=args.resume).run
     if is_main_process():  # one line for scripts, not one per rank
@@ -251,12 +322,17 @@ def cmd_export(args) -> int:
     for fmt in formats:
         record = export_model(args.source, fmt, args.output, reference_cache=reference)
         cost = record["cost"]
-        print(f"[llmtune] {fmt}: {record['path']}  {record['bytes'] / 1e6:.1f} MB, perplexity {cost['perplexity_change']:+.2%}, "
-              f"top-1 agreement {cost['top1_agreement']:.1%}, {'verified' if record['ok'] else 'VERIFICATION FAILED (see report.md)'}")
+        print(
+            f"[llmtune] {fmt}: {record['path']}  {record['bytes'] / 1e6:.1f} MB, perplexity {cost['perplexity_change']:+.2%}, "
+            f"top-1 agreement {cost['top1_agreement']:.1%}, "
+            f"{'verified' if record['ok'] else 'VERIFICATION FAILED (see report.md)'}"
+        )
         if not record["ok"]:
             failed.append(fmt)
     if failed:
-        print(f"error: export verification failed for {', '.join(failed)}; see report.md in each export directory", file=sys.stderr)
+        print(
+            f"error: export verification failed for {', '.join(failed)}; see report.md in each export directory", file=sys.stderr
+        )
         return 1
     return 0
 

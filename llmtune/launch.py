@@ -52,8 +52,9 @@ def resolve_accelerate_config(value: str, key: str = "--accelerate-config", base
     shipped = shipped_configs()
     if value.removesuffix(".yaml") in shipped:
         return shipped[value.removesuffix(".yaml")]
-    raise UserError(f"{key}: {value} is neither a file nor a shipped accelerate config; "
-                    f"shipped: {', '.join(shipped) or '(none found)'}")
+    raise UserError(
+        f"{key}: {value} is neither a file nor a shipped accelerate config; shipped: {', '.join(shipped) or '(none found)'}"
+    )
 
 
 def read_accelerate_config(path: Path) -> dict:
@@ -71,18 +72,27 @@ def read_accelerate_config(path: Path) -> dict:
 def launch_options(recipe: Recipe, args, recipe_dir: Path | None = None) -> LaunchOptions:
     """Merge `llmtune train` flags over the recipe's launch section (flags win)."""
     flag = getattr(args, "accelerate_config", None)
-    config = (resolve_accelerate_config(flag) if flag else
-              resolve_accelerate_config(recipe.launch.accelerate_config, "launch.accelerate_config", recipe_dir)
-              if recipe.launch.accelerate_config else None)
+    config = (
+        resolve_accelerate_config(flag)
+        if flag
+        else resolve_accelerate_config(recipe.launch.accelerate_config, "launch.accelerate_config", recipe_dir)
+        if recipe.launch.accelerate_config
+        else None
+    )
     multi_node = [getattr(args, name, None) for name in ("num_machines", "machine_rank", "main_process_ip")]
     if config is None and (getattr(args, "num_processes", None) or any(v is not None for v in multi_node)):
-        raise UserError("--num-processes / --num-machines / --machine-rank / --main-process-ip configure an "
-                        "Accelerate launch; add --accelerate-config NAME (e.g. multi_gpu, multi_node)")
-    return LaunchOptions(config=config,
-                         num_processes=getattr(args, "num_processes", None) or recipe.launch.num_processes,
-                         num_machines=getattr(args, "num_machines", None), machine_rank=getattr(args, "machine_rank", None),
-                         main_process_ip=getattr(args, "main_process_ip", None),
-                         main_process_port=getattr(args, "main_process_port", None))
+        raise UserError(
+            "--num-processes / --num-machines / --machine-rank / --main-process-ip configure an "
+            "Accelerate launch; add --accelerate-config NAME (e.g. multi_gpu, multi_node)"
+        )
+    return LaunchOptions(
+        config=config,
+        num_processes=getattr(args, "num_processes", None) or recipe.launch.num_processes,
+        num_machines=getattr(args, "num_machines", None),
+        machine_rank=getattr(args, "machine_rank", None),
+        main_process_ip=getattr(args, "main_process_ip", None),
+        main_process_port=getattr(args, "main_process_port", None),
+    )
 
 
 # Engines that shard the weights between ranks: a method that needs whole weights on every rank
@@ -91,9 +101,11 @@ SHARDING_ENGINES = ("DEEPSPEED", "FSDP")
 
 
 def whole_weights_error(kind: str) -> str:
-    return (f"method.kind {kind}: runs on one process or DDP (accelerate_configs/multi_gpu.yaml, multi_node.yaml); "
-            "DeepSpeed and FSDP shard the weights it samples from. Use multi_gpu, or LoRA/QLoRA to fit the "
-            "model on each GPU")
+    return (
+        f"method.kind {kind}: runs on one process or DDP (accelerate_configs/multi_gpu.yaml, multi_node.yaml); "
+        "DeepSpeed and FSDP shard the weights it samples from. Use multi_gpu, or LoRA/QLoRA to fit the "
+        "model on each GPU"
+    )
 
 
 def inside_launcher() -> bool:
@@ -104,7 +116,10 @@ def inside_launcher() -> bool:
 def shards_weights() -> bool:
     """True under DeepSpeed ZeRO-3 or FSDP: the engine places each rank's shard, so the whole model
     must not be moved onto one GPU first."""
-    zero3 = os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true" and os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3"
+    zero3 = (
+        os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
+        and os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3"
+    )
     return zero3 or os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
 
 

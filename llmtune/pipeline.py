@@ -18,8 +18,15 @@ from llmtune.export.formats import export_model
 from llmtune.launch import shards_weights
 from llmtune.methods import method_of
 from llmtune.models.adapter import apply_adapter, count_parameters
-from llmtune.models.load import (for_trainable_weights, load_causal_lm, load_classifier, load_tokenizer,
-                                 resolve_model_path, resolve_precision, training_device)
+from llmtune.models.load import (
+    for_trainable_weights,
+    load_causal_lm,
+    load_classifier,
+    load_tokenizer,
+    resolve_model_path,
+    resolve_precision,
+    training_device,
+)
 from llmtune.recipe import Recipe
 from llmtune.report import print_summary
 from llmtune.runs import RunDir, now
@@ -49,8 +56,9 @@ def run_recipe(recipe: Recipe, recipe_dir: Path, resume: bool = False) -> RunRes
     started_at, t0 = now(), time.perf_counter()
 
     set_seed(recipe.train.seed)  # a new head and the adapter's initial weights are drawn below
-    precision = for_trainable_weights(resolve_precision(recipe.model.dtype),
-                                      recipe.adapter.kind in ("full", "freeze") or method.MODEL == "sequence_classifier")
+    precision = for_trainable_weights(
+        resolve_precision(recipe.model.dtype), recipe.adapter.kind in ("full", "freeze") or method.MODEL == "sequence_classifier"
+    )
     model_path = resolve_model_path(recipe.model.name)
     tokenizer = load_tokenizer(recipe.model, model_path)
     data = prepare_data(recipe.data, recipe_dir, tokenizer, recipe.train.seed, method.EXAMPLES)
@@ -68,7 +76,9 @@ def run_recipe(recipe: Recipe, recipe_dir: Path, resume: bool = False) -> RunRes
         # Training is over: without this, from_pretrained (evaluation, merged export) would build models
         # under ZeRO-3's partitioned init, whose collectives wait for ranks that have already finished.
         unset_hf_deepspeed_config()
-    trained = _reload_final(method, recipe, final, precision) if shards_weights() and method.evaluates(recipe, data) else trainer.model
+    trained = (
+        _reload_final(method, recipe, final, precision) if shards_weights() and method.evaluates(recipe, data) else trainer.model
+    )
     gates = evaluate_after(method, recipe, recipe_dir, run, trained, trainer.model, tokenizer, data, evaluation, tasks)
 
     summary = summarise(method, recipe, run, data, precision, output, model, checkpoint, final, evaluation, tasks, gates, t0)
@@ -100,17 +110,25 @@ def evaluate_before(method, recipe: Recipe, recipe_dir: Path, run: RunDir, model
     if not (recipe.eval.before_after and is_main_process()):
         return evaluation, tasks
     if method.evaluates(recipe, data):
-        evaluation["before"] = run.read_json("eval/before.json") or _held_out(method, recipe, run, model, tokenizer, data, "before")
+        evaluation["before"] = run.read_json("eval/before.json") or _held_out(
+            method, recipe, run, model, tokenizer, data, "before"
+        )
     if task_eval.wants_task_evaluation(recipe):
-        tasks["before"] = (run.read_json("eval/tasks-before.json")
-                           or task_eval.evaluate_stage(recipe, recipe_dir, run, model, tokenizer, data, "before"))
+        tasks["before"] = run.read_json("eval/tasks-before.json") or task_eval.evaluate_stage(
+            recipe, recipe_dir, run, model, tokenizer, data, "before"
+        )
     return evaluation, tasks
 
 
 def train(method, recipe: Recipe, run: RunDir, model, model_path: str, tokenizer, data, precision, resume: bool):
     """Apply the adapter and run the method's trainer, from the newest complete checkpoint when resuming."""
-    model = apply_adapter(model, recipe.adapter, task="SEQ_CLS" if method.MODEL == "sequence_classifier" else "CAUSAL_LM",
-                          tokenizer_path=model_path, gradient_checkpointing=recipe.train.gradient_checkpointing)
+    model = apply_adapter(
+        model,
+        recipe.adapter,
+        task="SEQ_CLS" if method.MODEL == "sequence_classifier" else "CAUSAL_LM",
+        tokenizer_path=model_path,
+        gradient_checkpointing=recipe.train.gradient_checkpointing,
+    )
     checkpoint = run.latest_checkpoint() if resume else None
     if resume:
         # Steps logged after the checkpoint (or all of them, if none was complete) will run again.
@@ -120,15 +138,17 @@ def train(method, recipe: Recipe, run: RunDir, model, model_path: str, tokenizer
     return model, trainer, output, checkpoint
 
 
-def evaluate_after(method, recipe: Recipe, recipe_dir: Path, run: RunDir, trained, in_memory, tokenizer, data,
-                   evaluation: dict, tasks: dict) -> dict | None:
+def evaluate_after(
+    method, recipe: Recipe, recipe_dir: Path, run: RunDir, trained, in_memory, tokenizer, data, evaluation: dict, tasks: dict
+) -> dict | None:
     """The trained model's held-out figures and tasks, beside the base model's; returns the gates' verdict."""
     if method.evaluates(recipe, data):
         evaluation["after"] = _held_out(method, recipe, run, trained, tokenizer, data, "after")
     evaluation |= method.training_figures(run)
     if "before" in evaluation:
-        evaluation["delta"] = {k: round(evaluation["after"][k] - evaluation["before"][k], 4)
-                               for k in evaluation["after"] if k != "n"}
+        evaluation["delta"] = {
+            k: round(evaluation["after"][k] - evaluation["before"][k], 4) for k in evaluation["after"] if k != "n"
+        }
     if task_eval.wants_task_evaluation(recipe):
         tasks["after"] = task_eval.evaluate_stage(recipe, recipe_dir, run, in_memory, tokenizer, data, "after")
     for when in ("before", "after"):  # held-out exact match / accuracy join the task table, for gates and reports
@@ -137,8 +157,21 @@ def evaluate_after(method, recipe: Recipe, recipe_dir: Path, run: RunDir, traine
     return task_eval.finish(recipe, run, tasks)
 
 
-def summarise(method, recipe: Recipe, run: RunDir, data, precision, output, model, checkpoint, final: Path,
-              evaluation: dict, tasks: dict, gates: dict | None, t0: float) -> dict:
+def summarise(
+    method,
+    recipe: Recipe,
+    run: RunDir,
+    data,
+    precision,
+    output,
+    model,
+    checkpoint,
+    final: Path,
+    evaluation: dict,
+    tasks: dict,
+    gates: dict | None,
+    t0: float,
+) -> dict:
     trainable, total = count_parameters(model)
     metrics = run.read_metrics()
     losses = [r for r in metrics if "loss" in r]
@@ -150,7 +183,8 @@ def summarise(method, recipe: Recipe, run: RunDir, data, precision, output, mode
         "model": recipe.model.name,
         "method": method.KIND,
         "adapter": recipe.adapter.kind,
-        "precision": precision.name + (f", base quantized {recipe.model.quantization}" if recipe.model.quantization != "none" else ""),
+        "precision": precision.name
+        + (f", base quantized {recipe.model.quantization}" if recipe.model.quantization != "none" else ""),
         "train": {
             "steps": output.global_step,
             "final_loss": losses[-1]["loss"] if losses else None,
@@ -209,6 +243,7 @@ def _reload_final(method, recipe: Recipe, final: Path, precision):
 
 # --- multi-stage pipelines -----------------------------------------------------------------------
 
+
 def run_stages(recipe: Recipe, recipe_dir: Path, resume: bool = False) -> RunResult:
     """Each stage in order, in its own run directory `<run>/<stage>/`; --resume skips completed stages
     and resumes the first unfinished one from its newest checkpoint."""
@@ -229,17 +264,24 @@ def run_stages(recipe: Recipe, recipe_dir: Path, resume: bool = False) -> RunRes
             continue
         print(f"[llmtune] stage {i + 1}/{len(recipe.stages)}: {stage.name}")
         stage_recipe = recipe.stage_recipe(
-            stage, str(stage_dir),
+            stage,
+            str(stage_dir),
             model_name=str(stage_model(run.path / stage.from_stage)) if stage.from_stage else None,
-            reward_model=str(run.path / stage.reward_from_stage / "final") if stage.reward_from_stage else None)
+            reward_model=str(run.path / stage.reward_from_stage / "final") if stage.reward_from_stage else None,
+        )
         result = run_recipe(stage_recipe, recipe_dir, resume=(stage_dir / "recipe.resolved.yaml").is_file())
         summaries[stage.name] = result.summary
         if i < len(recipe.stages) - 1:
             result = None  # free the stage's model before the next one loads
-    summary = {"status": "completed", "recipe": recipe.name, "run_dir": str(run.path),
-               "runtime_s": round(time.perf_counter() - t0, 1), "started_at": started_at,
-               "eval": {name: s.get("eval", {}) for name, s in summaries.items() if s.get("eval")},
-               "stages": summaries}
+    summary = {
+        "status": "completed",
+        "recipe": recipe.name,
+        "run_dir": str(run.path),
+        "runtime_s": round(time.perf_counter() - t0, 1),
+        "started_at": started_at,
+        "eval": {name: s.get("eval", {}) for name, s in summaries.items() if s.get("eval")},
+        "stages": summaries,
+    }
     run.write_summary(summary)
     print(f"[llmtune] pipeline completed: {', '.join(summaries)} in {summary['runtime_s']} s")
     return RunResult(run, summary, *((result.model, result.tokenizer, result.trainer) if result else ()))

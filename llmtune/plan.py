@@ -21,9 +21,22 @@ CUDA_CONTEXT_BYTES = 0.6e9  # CUDA context + cuBLAS workspaces: outside torch's 
 ALLOCATOR_SLACK = 1.10  # the caching allocator's fragmentation over torch's peak allocation
 TRL_LOGPROB_CHUNK = 32768  # TRL's fused LM head scores logits in chunks of this many rows (trl/trainer/utils.py)
 # Optimizer state bytes per trainable parameter held in fp32 (Adam: two moments).
-OPTIMIZER_STATE_BYTES = {"adamw_torch": 8, "adamw_torch_fused": 8, "adamw_hf": 8, "adamw": 8, "adafactor": 0.1,
-                         "sgd": 0, "adamw_8bit": 2, "adamw_bnb_8bit": 2, "paged_adamw_8bit": 2, "lion_8bit": 1,
-                         "paged_lion_8bit": 1, "lion_32bit": 4, "paged_lion_32bit": 4, "paged_adamw_32bit": 8}
+OPTIMIZER_STATE_BYTES = {
+    "adamw_torch": 8,
+    "adamw_torch_fused": 8,
+    "adamw_hf": 8,
+    "adamw": 8,
+    "adafactor": 0.1,
+    "sgd": 0,
+    "adamw_8bit": 2,
+    "adamw_bnb_8bit": 2,
+    "paged_adamw_8bit": 2,
+    "lion_8bit": 1,
+    "paged_lion_8bit": 1,
+    "lion_32bit": 4,
+    "paged_lion_32bit": 4,
+    "paged_adamw_32bit": 8,
+}
 
 
 @dataclass
@@ -39,7 +52,9 @@ class LaunchShape:
     def describe(self) -> str:
         if self.kind == "deepspeed":
             offload = [w for w, on in (("optimizer", self.offload_optimizer), ("parameters", self.offload_params)) if on]
-            return f"DeepSpeed ZeRO-{self.zero_stage} x {self.processes}" + (f", {' and '.join(offload)} offloaded to CPU" if offload else "")
+            return f"DeepSpeed ZeRO-{self.zero_stage} x {self.processes}" + (
+                f", {' and '.join(offload)} offloaded to CPU" if offload else ""
+            )
         if self.kind == "fsdp":
             return f"FSDP (full shard) x {self.processes}" + (", parameters offloaded to CPU" if self.offload_params else "")
         return f"DDP x {self.processes}" if self.kind == "ddp" else "one process"
@@ -73,14 +88,26 @@ class MemoryPlan:
         return None if not gpu_memory else self.required_bytes <= gpu_memory
 
     def as_dict(self, gpu_memory: float | None = None) -> dict:
-        return {"model": self.model, "device": self.device, "precision": self.precision, "method": self.method,
-                "launch": self.launch.describe(), "processes": self.launch.processes,
-                "batch_size": self.batch[0], "seq_len": self.batch[1], "grad_accum": self.batch[2],
-                "total_params": self.total_params, "trainable_params": self.trainable_params,
-                "per_gpu_bytes": {k: round(v) for k, v in self.gpu.items()}, "peak_bytes": round(self.peak_bytes),
-                "required_bytes": round(self.required_bytes), "cpu_offload_bytes": round(self.cpu_offload),
-                "gpu_memory_bytes": round(gpu_memory) if gpu_memory else None, "fits": self.fits(gpu_memory),
-                "notes": self.notes}
+        return {
+            "model": self.model,
+            "device": self.device,
+            "precision": self.precision,
+            "method": self.method,
+            "launch": self.launch.describe(),
+            "processes": self.launch.processes,
+            "batch_size": self.batch[0],
+            "seq_len": self.batch[1],
+            "grad_accum": self.batch[2],
+            "total_params": self.total_params,
+            "trainable_params": self.trainable_params,
+            "per_gpu_bytes": {k: round(v) for k, v in self.gpu.items()},
+            "peak_bytes": round(self.peak_bytes),
+            "required_bytes": round(self.required_bytes),
+            "cpu_offload_bytes": round(self.cpu_offload),
+            "gpu_memory_bytes": round(gpu_memory) if gpu_memory else None,
+            "fits": self.fits(gpu_memory),
+            "notes": self.notes,
+        }
 
 
 def estimate_memory(recipe: Recipe, options=None, device: str | None = None) -> MemoryPlan:
@@ -98,9 +125,17 @@ def estimate_memory(recipe: Recipe, options=None, device: str | None = None) -> 
     whole = recipe.adapter.kind in ("full", "freeze") or method.MODEL == "sequence_classifier"
     b, s, accum = recipe.train.batch_size, recipe.data.max_length, recipe.train.grad_accum
     n = launch.processes
-    plan = MemoryPlan(model=recipe.model.name, device=device, precision=_precision_text(recipe, device, whole, launch),
-                      method=f"{recipe.method.kind} / {recipe.adapter.kind}" + (f" on a {recipe.model.quantization} base" if recipe.model.quantization != "none" else ""),
-                      launch=launch, batch=(b, s, accum), total_params=counts["total"], trainable_params=counts["trainable"])
+    plan = MemoryPlan(
+        model=recipe.model.name,
+        device=device,
+        precision=_precision_text(recipe, device, whole, launch),
+        method=f"{recipe.method.kind} / {recipe.adapter.kind}"
+        + (f" on a {recipe.model.quantization} base" if recipe.model.quantization != "none" else ""),
+        launch=launch,
+        batch=(b, s, accum),
+        total_params=counts["total"],
+        trainable_params=counts["trainable"],
+    )
     trainable, frozen, quantized = counts["trainable"], counts["frozen"], counts["quantized"]
     quant_bytes = {"4bit": 0.516, "8bit": 1.0, "none": compute_bytes}[recipe.model.quantization]  # nf4 + double-quantized scales
     adam = OPTIMIZER_STATE_BYTES.get(recipe.train.optimizer, 8)
@@ -150,9 +185,12 @@ def estimate_memory(recipe: Recipe, options=None, device: str | None = None) -> 
     plan.gpu |= method.memory_terms(shape)
     if recipe.model.quantization != "none":
         plan.gpu["dequantized layer"] = counts["largest_linear"] * compute_bytes * 2
-    plan.notes += [f"sequence length is data.max_length ({s}), the worst case; shorter rows need less activation memory",
-                   "the CUDA context (~0.6 GB) and allocator slack (~10%) come on top of the peak"
-                   if device == "cuda" else "on CPU the process also holds the Python and torch libraries (~0.5-1 GB RSS)"]
+    plan.notes += [
+        f"sequence length is data.max_length ({s}), the worst case; shorter rows need less activation memory",
+        "the CUDA context (~0.6 GB) and allocator slack (~10%) come on top of the peak"
+        if device == "cuda"
+        else "on CPU the process also holds the Python and torch libraries (~0.5-1 GB RSS)",
+    ]
     return plan
 
 
@@ -186,7 +224,8 @@ class MemoryShape:
         """Keys and values of every layer while generating `sequences` rows of up to seq_len tokens."""
         c = self.config
         kv_dim = (getattr(c, "num_key_value_heads", None) or c.num_attention_heads) * (
-            getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads)
+            getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        )
         return 2 * c.num_hidden_layers * sequences * self.seq_len * kv_dim * self.compute_bytes
 
     def other_model(self, path: str | None) -> float:
@@ -198,7 +237,9 @@ class MemoryShape:
             from transformers import AutoConfig, AutoModelForSequenceClassification
 
             with init_empty_weights():
-                other = AutoModelForSequenceClassification.from_config(AutoConfig.from_pretrained(path, num_labels=1), dtype=torch.float32)
+                other = AutoModelForSequenceClassification.from_config(
+                    AutoConfig.from_pretrained(path, num_labels=1), dtype=torch.float32
+                )
             return sum(p.numel() for p in other.parameters()) * self.compute_bytes
         return self.total_params * self.compute_bytes
 
@@ -210,8 +251,15 @@ def launch_shape(options) -> LaunchShape:
     from llmtune.launch import read_accelerate_config
 
     config = read_accelerate_config(options.config)
-    kind = {"NO": "single", "MULTI_GPU": "ddp", "MULTI_CPU": "ddp", "MULTI_XPU": "ddp", "MULTI_NPU": "ddp",
-            "DEEPSPEED": "deepspeed", "FSDP": "fsdp"}.get(str(config.get("distributed_type", "NO")).upper(), "ddp")
+    kind = {
+        "NO": "single",
+        "MULTI_GPU": "ddp",
+        "MULTI_CPU": "ddp",
+        "MULTI_XPU": "ddp",
+        "MULTI_NPU": "ddp",
+        "DEEPSPEED": "deepspeed",
+        "FSDP": "fsdp",
+    }.get(str(config.get("distributed_type", "NO")).upper(), "ddp")
     processes = options.num_processes or int(config.get("num_processes", 1) or 1)
     if kind == "single":
         return LaunchShape(processes=1)
@@ -221,12 +269,20 @@ def launch_shape(options) -> LaunchShape:
             import json
 
             zero = json.loads(Path(ds["deepspeed_config_file"]).read_text()).get("zero_optimization", {})
-            return LaunchShape("deepspeed", processes, int(zero.get("stage", 0)),
-                               (zero.get("offload_optimizer") or {}).get("device", "none") not in ("none", None),
-                               (zero.get("offload_param") or {}).get("device", "none") not in ("none", None))
-        return LaunchShape("deepspeed", processes, int(ds.get("zero_stage", 2)),
-                           ds.get("offload_optimizer_device", "none") not in ("none", None),
-                           ds.get("offload_param_device", "none") not in ("none", None))
+            return LaunchShape(
+                "deepspeed",
+                processes,
+                int(zero.get("stage", 0)),
+                (zero.get("offload_optimizer") or {}).get("device", "none") not in ("none", None),
+                (zero.get("offload_param") or {}).get("device", "none") not in ("none", None),
+            )
+        return LaunchShape(
+            "deepspeed",
+            processes,
+            int(ds.get("zero_stage", 2)),
+            ds.get("offload_optimizer_device", "none") not in ("none", None),
+            ds.get("offload_param_device", "none") not in ("none", None),
+        )
     if kind == "fsdp":
         fsdp = config.get("fsdp_config") or {}
         return LaunchShape("fsdp", processes, offload_params=bool(fsdp.get("fsdp_offload_params", False)))
@@ -255,22 +311,27 @@ def warn_if_it_will_not_fit(recipe: Recipe, options) -> MemoryPlan | None:
     if not plan.fits(gpu_memory):
         import sys
 
-        print(f"[llmtune] warning: this run needs about {plan.required_bytes / GB:.1f} GB per GPU under "
-              f"{plan.launch.describe()}, but the visible GPUs have {gpu_memory / GB:.1f} GB; it will likely run out of "
-              f"memory. See `llmtune plan {recipe.name}.yaml ...`; smaller train.batch_size or data.max_length, "
-              "train.gradient_checkpointing: true, LoRA/QLoRA, or a DeepSpeed ZeRO-3 / FSDP config lower it.",
-              file=sys.stderr, flush=True)
+        print(
+            f"[llmtune] warning: this run needs about {plan.required_bytes / GB:.1f} GB per GPU under "
+            f"{plan.launch.describe()}, but the visible GPUs have {gpu_memory / GB:.1f} GB; it will likely run out of "
+            f"memory. See `llmtune plan {recipe.name}.yaml ...`; smaller train.batch_size or data.max_length, "
+            "train.gradient_checkpointing: true, LoRA/QLoRA, or a DeepSpeed ZeRO-3 / FSDP config lower it.",
+            file=sys.stderr,
+            flush=True,
+        )
     return plan
 
 
 def format_plan(plan: MemoryPlan, gpu_memory: float | None) -> str:
     b, s, accum = plan.batch
-    lines = [f"memory plan: {plan.model}, {plan.method}, {plan.precision}",
-             f"  launch: {plan.launch.describe()}; device {plan.device}; per-device batch {b} x {s} tokens"
-             f"{f' x {accum} accumulation' if accum > 1 else ''}",
-             f"  parameters: {plan.trainable_params:,} trainable of {plan.total_params:,}",
-             "",
-             f"  {'per GPU' if plan.device == 'cuda' else 'per process (CPU)':31s}{'GB':>8s}"]
+    lines = [
+        f"memory plan: {plan.model}, {plan.method}, {plan.precision}",
+        f"  launch: {plan.launch.describe()}; device {plan.device}; per-device batch {b} x {s} tokens"
+        f"{f' x {accum} accumulation' if accum > 1 else ''}",
+        f"  parameters: {plan.trainable_params:,} trainable of {plan.total_params:,}",
+        "",
+        f"  {'per GPU' if plan.device == 'cuda' else 'per process (CPU)':31s}{'GB':>8s}",
+    ]
     for name, value in plan.gpu.items():
         lines.append(f"  {name:31s}{value / GB:8.2f}")
     lines.append(f"  {'estimated peak (torch)':31s}{plan.peak_bytes / GB:8.2f}")
@@ -286,6 +347,7 @@ def format_plan(plan: MemoryPlan, gpu_memory: float | None) -> str:
 
 
 # -- counting -----------------------------------------------------------------------------------
+
 
 def _empty_model(recipe: Recipe, method):
     """The recipe's model with its adapter, on the meta device: structure and counts, no memory."""
@@ -308,8 +370,13 @@ def _empty_model(recipe: Recipe, method):
     # Tie outside the context: init_empty_weights re-registers the tied head as a second meta tensor.
     model.tie_weights()
     with init_empty_weights():
-        model = apply_adapter(model, recipe.adapter, task="SEQ_CLS" if classifier else "CAUSAL_LM",
-                              tokenizer_path=path, gradient_checkpointing=False)
+        model = apply_adapter(
+            model,
+            recipe.adapter,
+            task="SEQ_CLS" if classifier else "CAUSAL_LM",
+            tokenizer_path=path,
+            gradient_checkpointing=False,
+        )
     return model, getattr(config, "text_config", config)
 
 
@@ -327,10 +394,15 @@ def _count(model, recipe: Recipe) -> dict:
     if recipe.model.quantization != "none":
         quantized = sum(m.weight.numel() for m in linear if id(m.weight) not in head_ids and not m.weight.requires_grad)
     blocks = _blocks(model)
-    return {"trainable": trainable, "total": total, "frozen": total - trainable, "quantized": quantized,
-            "largest_block": max((sum(p.numel() for p in blk.parameters()) for blk in blocks), default=0),
-            "largest_linear": max((m.weight.numel() for m in linear if id(m.weight) not in head_ids), default=0),
-            "embedding": model.get_input_embeddings().weight.numel()}
+    return {
+        "trainable": trainable,
+        "total": total,
+        "frozen": total - trainable,
+        "quantized": quantized,
+        "largest_block": max((sum(p.numel() for p in blk.parameters()) for blk in blocks), default=0),
+        "largest_linear": max((m.weight.numel() for m in linear if id(m.weight) not in head_ids), default=0),
+        "embedding": model.get_input_embeddings().weight.numel(),
+    }
 
 
 def _blocks(model) -> list:

@@ -22,8 +22,11 @@ def print_summary(summary: dict) -> None:
     table.add_row("wall time", f"{train.get('runtime_s')} s")
     dropped = summary.get("data", {}).get("dropped") or {}
     data = summary.get("data", {})
-    table.add_row("rows", f"{data.get('train_rows', data.get('rows_streamed'))} train, "
-                  f"{sum(d['rows'] for d in dropped.values())} dropped" + "".join(f"\n  {r}: {d['rows']}" for r, d in dropped.items()))
+    table.add_row(
+        "rows",
+        f"{data.get('train_rows', data.get('rows_streamed'))} train, "
+        f"{sum(d['rows'] for d in dropped.values())} dropped" + "".join(f"\n  {r}: {d['rows']}" for r, d in dropped.items()),
+    )
     for metric in evaluation.get("after", {}):
         if metric == "n":
             continue

@@ -73,7 +73,9 @@ class RunDir:
             raise UserError(f"--resume: {path} is not an llmtune run directory (no recipe.resolved.yaml)")
         # Only rank 0 checks: the other ranks start while rank 0 may already be writing here.
         if not resume and is_main_process() and path.exists() and any(path.iterdir()):
-            raise UserError(f"train.output_dir: {path} already holds a run; pass --resume to continue it, or choose another directory")
+            raise UserError(
+                f"train.output_dir: {path} already holds a run; pass --resume to continue it, or choose another directory"
+            )
         return run
 
     def start(self, recipe: Recipe, resume: bool) -> None:
@@ -83,7 +85,10 @@ class RunDir:
         resolved = dump_recipe(recipe)
         stored = self.path / "recipe.resolved.yaml"
         if resume and stored.read_text() != resolved:
-            print(f"[llmtune] warning: the recipe differs from the one this run started with; continuing with the new one (old copy: {stored}.previous)")
+            print(
+                "[llmtune] warning: the recipe differs from the one this run started with; "
+                f"continuing with the new one (old copy: {stored}.previous)"
+            )
             shutil.copy(stored, f"{stored}.previous")
         write_atomic(stored, resolved)
         shutil.rmtree(self.staging, ignore_errors=True)  # a checkpoint that was being written when the run died
@@ -92,7 +97,9 @@ class RunDir:
         steps = [(int(m.group(1)), p) for p in self.checkpoints.glob("checkpoint-*") if (m := CHECKPOINT_RE.match(p.name))]
         return max(steps)[1] if steps else None
 
-    def write_manifest(self, recipe: Recipe, model_path: str, fingerprints: dict[str, str], started_at: str, **extra: Any) -> None:
+    def write_manifest(
+        self, recipe: Recipe, model_path: str, fingerprints: dict[str, str], started_at: str, **extra: Any
+    ) -> None:
         if not is_main_process():
             return
         previous = self.read_json("manifest.json")
@@ -308,8 +315,12 @@ def write_atomic(path: Path, text: str) -> None:
 def hardware() -> dict[str, Any]:
     import torch
 
-    info: dict[str, Any] = {"platform": platform.platform(), "cpu_count": os.cpu_count(), "processor": platform.processor(),
-                            "world_size": world_size()}
+    info: dict[str, Any] = {
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "processor": platform.processor(),
+        "world_size": world_size(),
+    }
     if torch.cuda.is_available():
         info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
     return info

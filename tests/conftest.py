@@ -20,8 +20,14 @@ def greeting_rows(n: int, offset: int = 0) -> list[dict]:
     rows = []
     for i in range(offset, offset + n):
         name = NAMES[i % len(NAMES)]
-        rows.append({"messages": [{"role": "user", "content": f"Greet {name} number {i}."},
-                                  {"role": "assistant", "content": f"Hello {name}! You are {i}."}]})
+        rows.append(
+            {
+                "messages": [
+                    {"role": "user", "content": f"Greet {name} number {i}."},
+                    {"role": "assistant", "content": f"Hello {name}! You are {i}."},
+                ]
+            }
+        )
     return rows
 
 
@@ -41,7 +47,9 @@ def tiny_tokenizer_dir(tmp_path_factory) -> Path:
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=SPECIAL, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(corpus, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|im_end|>", pad_token="<|endoftext|>"
+    )
     fast.chat_template = CHATML
     out = tmp_path_factory.mktemp("tokenizer")
     fast.save_pretrained(out)
@@ -54,10 +62,19 @@ def tiny_model_dir(tiny_tokenizer_dir, tmp_path_factory) -> Path:
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(0)
     model = LlamaForCausalLM(config)
     out = tmp_path_factory.mktemp("tiny-llama")
@@ -84,8 +101,15 @@ def make_recipe(tmp_path, tiny_model_dir):
             "model": {"name": str(tiny_model_dir)},
             "data": {"sources": [{"path": str(train)}], "eval_sources": [{"path": str(test)}], "max_length": 64},
             "adapter": {"kind": "lora", "r": 4, "alpha": 8},
-            "train": {"output_dir": str(tmp_path / "run"), "max_steps": 6, "batch_size": 4, "learning_rate": 5e-3,
-                      "save_steps": 2, "save_total_limit": 5, "seed": 7},
+            "train": {
+                "output_dir": str(tmp_path / "run"),
+                "max_steps": 6,
+                "batch_size": 4,
+                "learning_rate": 5e-3,
+                "save_steps": 2,
+                "save_total_limit": 5,
+                "seed": 7,
+            },
         }
         for section, values in sections.items():  # an adapter section replaces the default one
             recipe[section] = values if section == "adapter" else recipe.get(section, {}) | values

@@ -3,28 +3,43 @@
 import pytest
 import torch
 import yaml
+from conftest import NAMES, write_jsonl
 from safetensors.torch import load_file
 
-from conftest import NAMES, write_jsonl
 from llmtune.pipeline import run_recipe
 from llmtune.recipe import load_recipe
 
 
 def preference_rows(n, offset=0):
     # chosen greets by name, rejected is a refusal: a difference even a tiny model learns in a few steps.
-    return [{"prompt": f"Greet {NAMES[i % 10]} number {i}.", "chosen": f"Hello {NAMES[i % 10]}! You are {i}.",
-             "rejected": "No."} for i in range(offset, offset + n)]
+    return [
+        {"prompt": f"Greet {NAMES[i % 10]} number {i}.", "chosen": f"Hello {NAMES[i % 10]}! You are {i}.", "rejected": "No."}
+        for i in range(offset, offset + n)
+    ]
 
 
 def recipe_for(tmp_path, tiny_model_dir, method, rows, fmt, adapter=None, **train):
     data = write_jsonl(tmp_path / "train.jsonl", rows(32))
     held_out = write_jsonl(tmp_path / "test.jsonl", rows(16, 100))
-    recipe = {"model": {"name": str(tiny_model_dir)},
-              "data": {"sources": [{"path": str(data), "format": fmt}], "eval_sources": [{"path": str(held_out), "format": fmt}],
-                       "max_length": 64},
-              "method": method, "adapter": adapter or {"kind": "lora", "r": 4, "alpha": 8},
-              "train": {"output_dir": str(tmp_path / "run"), "max_steps": 8, "batch_size": 8, "learning_rate": 5e-3,
-                        "seed": 7, "save_steps": 4} | train}
+    recipe = {
+        "model": {"name": str(tiny_model_dir)},
+        "data": {
+            "sources": [{"path": str(data), "format": fmt}],
+            "eval_sources": [{"path": str(held_out), "format": fmt}],
+            "max_length": 64,
+        },
+        "method": method,
+        "adapter": adapter or {"kind": "lora", "r": 4, "alpha": 8},
+        "train": {
+            "output_dir": str(tmp_path / "run"),
+            "max_steps": 8,
+            "batch_size": 8,
+            "learning_rate": 5e-3,
+            "seed": 7,
+            "save_steps": 4,
+        }
+        | train,
+    }
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
     return load_recipe(path)
@@ -47,9 +62,12 @@ def test_reward_model_learns_pairs_and_final_loads_as_a_plain_sequence_classifie
     reloaded = AutoModelForSequenceClassification.from_pretrained(final).eval()
     assert reloaded.config.num_labels == 1
     tok = AutoTokenizer.from_pretrained(final)
-    texts = [tok.apply_chat_template([{"role": "user", "content": "Greet Ada number 200."},
-                                      {"role": "assistant", "content": answer}], tokenize=False)
-             for answer in ("Hello Ada! You are 200.", "No.")]
+    texts = [
+        tok.apply_chat_template(
+            [{"role": "user", "content": "Greet Ada number 200."}, {"role": "assistant", "content": answer}], tokenize=False
+        )
+        for answer in ("Hello Ada! You are 200.", "No.")
+    ]
     batch = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
     with torch.no_grad():
         reloaded_scores = reloaded(**batch).logits[:, 0]
@@ -59,7 +77,9 @@ def test_reward_model_learns_pairs_and_final_loads_as_a_plain_sequence_classifie
 
 
 def test_dpo_under_lora_moves_adapters_only_and_prefers_chosen(tmp_path, tiny_model_dir):
-    recipe, recipe_dir = recipe_for(tmp_path, tiny_model_dir, {"kind": "dpo", "dpo": {"beta": 0.1}}, preference_rows, "preference")
+    recipe, recipe_dir = recipe_for(
+        tmp_path, tiny_model_dir, {"kind": "dpo", "dpo": {"beta": 0.1}}, preference_rows, "preference"
+    )
     result = run_recipe(recipe, recipe_dir)
     rows = result.run.read_metrics()
     assert rows[-1]["loss"] < rows[0]["loss"] < 0.7  # starts at ln 2 = 0.693 (policy = reference)
@@ -74,10 +94,13 @@ def test_dpo_under_lora_moves_adapters_only_and_prefers_chosen(tmp_path, tiny_mo
 @pytest.mark.slow  # CI runs it; a few minutes on a busy 2-core CPU
 def test_grpo_trains_on_a_reward_function(tmp_path, tiny_model_dir):
     recipe, recipe_dir = recipe_for(
-        tmp_path, tiny_model_dir,
+        tmp_path,
+        tiny_model_dir,
         {"kind": "grpo", "grpo": {"reward_functions": ["test_ppo:letters_a_to_m"], "num_generations": 4, "max_new_tokens": 8}},
         lambda n, o=0: [{"prompt": [{"role": "user", "content": f"Greet {NAMES[i % 10]}."}]} for i in range(o, o + n)],
-        "prompt_only", max_steps=2)
+        "prompt_only",
+        max_steps=2,
+    )
     result = run_recipe(recipe, recipe_dir)
     rows = result.run.read_metrics()
     assert [r["step"] for r in rows] == [1, 2] and all("reward" in r for r in rows)
@@ -89,16 +112,30 @@ def test_alignment_recipe_mistakes_name_the_key(tmp_path):
     from llmtune.errors import UserError
 
     path = tmp_path / "r.yaml"
-    path.write_text(yaml.safe_dump({"data": {"sources": [{"path": "a.jsonl", "format": "prompt_only"}]},
-                                    "method": {"kind": "ppo", "dpo": {"beta": 0.5}}}))
+    path.write_text(
+        yaml.safe_dump(
+            {"data": {"sources": [{"path": "a.jsonl", "format": "prompt_only"}]}, "method": {"kind": "ppo", "dpo": {"beta": 0.5}}}
+        )
+    )
     with pytest.raises(UserError) as info:
         load_recipe(path)
     assert info.value.problems == ["method.dpo: applies to kind dpo only, not ppo; remove it"]
 
-    path.write_text(yaml.safe_dump({"data": {"sources": [{"path": "a.jsonl", "format": "messages"}]},
-                                    "method": {"kind": "ppo"}, "train": {"batch_size": 2}}))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "data": {"sources": [{"path": "a.jsonl", "format": "messages"}]},
+                "method": {"kind": "ppo"},
+                "train": {"batch_size": 2},
+            }
+        )
+    )
     with pytest.raises(UserError) as info:
         load_recipe(path)
-    assert [p.split(":")[0] for p in info.value.problems] == ["data.sources[0].format", "method.ppo.mini_batch_size", "method.ppo"]
+    assert [p.split(":")[0] for p in info.value.problems] == [
+        "data.sources[0].format",
+        "method.ppo.mini_batch_size",
+        "method.ppo",
+    ]
     assert info.value.problems[2].startswith("method.ppo: needs a reward")
     assert "method.kind ppo reads prompt_only or preference rows, not messages" in info.value.problems[0]

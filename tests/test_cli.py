@@ -22,8 +22,12 @@ def test_debug_before_the_verb_is_kept(tmp_path, capsys):
 def test_train_with_a_bad_recipe_exits_2_without_traceback(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("data: {sources: [{path: nowhere.jsonl}]}\nmodel: {name: ./no-such-model}\n")
-    out = subprocess.run([sys.executable, "-m", "llmtune.cli", "train", str(recipe), f"train.output_dir={tmp_path / 'run'}"],
-                         capture_output=True, text=True, cwd=tmp_path)
+    out = subprocess.run(
+        [sys.executable, "-m", "llmtune.cli", "train", str(recipe), f"train.output_dir={tmp_path / 'run'}"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
     assert out.returncode == 2, out.stderr
     assert "Traceback" not in out.stderr
     assert "model.name: ./no-such-model is not a directory" in out.stderr
@@ -62,8 +66,10 @@ def test_data_preview_shows_the_loss_mask_and_drops(make_recipe, tmp_path, capsy
     import json
 
     bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"messages": [{"role": "user", "content": "Greet Ada."}, {"role": "assistant", "content": "Hello Ada!"}]}\n'
-                   '{not json\n{"messages": []}\n')
+    bad.write_text(
+        '{"messages": [{"role": "user", "content": "Greet Ada."}, {"role": "assistant", "content": "Hello Ada!"}]}\n'
+        '{not json\n{"messages": []}\n'
+    )
     recipe = make_recipe(data={"sources": [{"path": str(bad)}]})
     assert main(["data", "preview", str(recipe), "--n", "1", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)

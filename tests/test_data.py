@@ -1,8 +1,8 @@
 import json
 
 import pytest
-
 from conftest import greeting_rows, write_jsonl
+
 from llmtune.data import prepare_data
 from llmtune.data.collate import PackedRowsCollator
 from llmtune.data.template import IGNORE_INDEX, prompt_text, tokenize_example
@@ -39,15 +39,18 @@ def test_loss_falls_exactly_on_assistant_turns(tiny_tokenizer):
     assert input_ids == expected_ids
     assert [label != IGNORE_INDEX for label in labels] == expected_mask
     assert [t for t, l in zip(input_ids, labels) if l != IGNORE_INDEX] == [t for t, m in zip(input_ids, expected_mask) if m]
-    assert tiny_tokenizer.decode([t for t, l in zip(input_ids, labels) if l != IGNORE_INDEX]) == \
-        "Hello Ada!<|im_end|>\nHello Bruno!<|im_end|>\n"
+    assert (
+        tiny_tokenizer.decode([t for t, l in zip(input_ids, labels) if l != IGNORE_INDEX])
+        == "Hello Ada!<|im_end|>\nHello Bruno!<|im_end|>\n"
+    )
 
 
 def test_training_prompt_equals_inference_prompt(tiny_tokenizer):
     input_ids, labels = tokenize_example(MULTI_TURN[:3], tiny_tokenizer, "model")
     first_loss = next(i for i, l in enumerate(labels) if l != IGNORE_INDEX)
-    at_inference = tiny_tokenizer.apply_chat_template(MULTI_TURN[:2], add_generation_prompt=True, tokenize=True,
-                                                      return_dict=True)["input_ids"]
+    at_inference = tiny_tokenizer.apply_chat_template(
+        MULTI_TURN[:2], add_generation_prompt=True, tokenize=True, return_dict=True
+    )["input_ids"]
     assert input_ids[:first_loss] == list(at_inference)
     assert prompt_text(MULTI_TURN[:2], tiny_tokenizer, "model") == tiny_tokenizer.decode(input_ids[:first_loss])
 
@@ -63,10 +66,17 @@ def test_plain_template_appends_eos_and_masks_prompt(tiny_tokenizer):
 
 def test_malformed_rows_are_counted_per_reason_with_row_numbers(tmp_path, tiny_tokenizer):
     good = greeting_rows(3)
-    rows = [good[0], "{not json", {"messages": [{"role": "user", "content": "hi"}]},
-            {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "  "}]},
-            {"text": "wrong format"}, {"messages": [{"role": "robot", "content": "x"}]}, good[1],
-            {"messages": [{"role": "user", "content": "x " * 200}, {"role": "assistant", "content": "y"}]}, good[2]]
+    rows = [
+        good[0],
+        "{not json",
+        {"messages": [{"role": "user", "content": "hi"}]},
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "  "}]},
+        {"text": "wrong format"},
+        {"messages": [{"role": "robot", "content": "x"}]},
+        good[1],
+        {"messages": [{"role": "user", "content": "x " * 200}, {"role": "assistant", "content": "y"}]},
+        good[2],
+    ]
     path = write_jsonl(tmp_path / "d.jsonl", rows)
     data = prepare_data(DataSection(sources=[{"path": str(path)}], max_length=64), tmp_path, tiny_tokenizer, seed=0)
     assert data.stats["train_rows"] == 3
@@ -87,9 +97,11 @@ def test_strict_mode_fails_on_the_first_bad_row(tmp_path, tiny_tokenizer):
 
 def test_prompt_completion_columns_and_eval_fraction(tmp_path, tiny_tokenizer):
     rows = [{"question": f"Greet {i}.", "answer": f"Hello {i}!"} for i in range(20)]
-    path = write_jsonl(tmp_path / "pc.jsonl", rows)
-    cfg = DataSection(sources=[{"path": "pc.jsonl", "format": "prompt_completion",
-                                "columns": {"prompt": "question", "completion": "answer"}}], eval_fraction=0.25)
+    write_jsonl(tmp_path / "pc.jsonl", rows)
+    cfg = DataSection(
+        sources=[{"path": "pc.jsonl", "format": "prompt_completion", "columns": {"prompt": "question", "completion": "answer"}}],
+        eval_fraction=0.25,
+    )
     data = prepare_data(cfg, tmp_path, tiny_tokenizer, seed=0)
     assert (data.stats["train_rows"], data.stats["eval_rows"]) == (15, 5)
     assert data.eval_rows[0][-1]["content"].startswith("Hello ")
@@ -128,16 +140,20 @@ def test_shipped_quickstart_data_equals_its_generator(tmp_path):
             assert (tmp_path / task / f"{split}.jsonl").read_text() == (root / task / f"{split}.jsonl").read_text()
     quickstart = tmp_path / "quickstart"
     train_names = {json.loads(l)["messages"][1]["content"] for l in (quickstart / "train.jsonl").read_text().splitlines()}
-    test_customers = {json.loads(json.loads(l)["messages"][1]["content"])["customer"]
-                      for l in (quickstart / "test.jsonl").read_text().splitlines()}
+    test_customers = {
+        json.loads(json.loads(l)["messages"][1]["content"])["customer"]
+        for l in (quickstart / "test.jsonl").read_text().splitlines()
+    }
     assert not any(f'"customer": "{c}"' in t for c in test_customers for t in train_names)
 
 
 def test_several_sources_are_mixed_before_holding_out(tmp_path, tiny_tokenizer):
     a = write_jsonl(tmp_path / "a.jsonl", [{"prompt": f"a{i}", "completion": "x"} for i in range(20)])
     b = write_jsonl(tmp_path / "b.jsonl", [{"prompt": f"b{i}", "completion": "y"} for i in range(20)])
-    cfg = DataSection(sources=[{"path": str(a), "format": "prompt_completion"},
-                               {"path": str(b), "format": "prompt_completion"}], eval_fraction=0.5)
+    cfg = DataSection(
+        sources=[{"path": str(a), "format": "prompt_completion"}, {"path": str(b), "format": "prompt_completion"}],
+        eval_fraction=0.5,
+    )
     data = prepare_data(cfg, tmp_path, tiny_tokenizer, seed=0)
     held_out_from = {row[0]["content"][0] for row in data.eval_rows}
     assert held_out_from == {"a", "b"}
@@ -145,21 +161,31 @@ def test_several_sources_are_mixed_before_holding_out(tmp_path, tiny_tokenizer):
 
 def test_mapped_columns_win_over_same_named_columns(tmp_path, tiny_tokenizer):
     path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "stale", "question": "Greet Ada.", "completion": "Hi"}])
-    cfg = DataSection(sources=[{"path": str(path), "format": "prompt_completion", "columns": {"prompt": "question"}}],
-                      eval_sources=[{"path": str(path), "format": "prompt_completion", "columns": {"prompt": "question"}}])
+    cfg = DataSection(
+        sources=[{"path": str(path), "format": "prompt_completion", "columns": {"prompt": "question"}}],
+        eval_sources=[{"path": str(path), "format": "prompt_completion", "columns": {"prompt": "question"}}],
+    )
     assert prepare_data(cfg, tmp_path, tiny_tokenizer, seed=0).eval_rows[0][0]["content"] == "Greet Ada."
 
 
 def test_held_out_rows_must_end_on_an_answer(tmp_path, tiny_tokenizer):
     train = write_jsonl(tmp_path / "t.jsonl", greeting_rows(2))
-    held = write_jsonl(tmp_path / "h.jsonl", [
-        {"messages": greeting_rows(1)[0]["messages"] + [{"role": "user", "content": "And now?"}]},
-        {"messages": [{"role": "assistant", "content": "Hello"}]},
-    ] + greeting_rows(1))
-    data = prepare_data(DataSection(sources=[{"path": str(train)}], eval_sources=[{"path": str(held)}]),
-                        tmp_path, tiny_tokenizer, seed=0)
+    held = write_jsonl(
+        tmp_path / "h.jsonl",
+        [
+            {"messages": greeting_rows(1)[0]["messages"] + [{"role": "user", "content": "And now?"}]},
+            {"messages": [{"role": "assistant", "content": "Hello"}]},
+        ]
+        + greeting_rows(1),
+    )
+    data = prepare_data(
+        DataSection(sources=[{"path": str(train)}], eval_sources=[{"path": str(held)}]), tmp_path, tiny_tokenizer, seed=0
+    )
     assert len(data.eval_rows) == 1
-    assert data.stats["dropped"]["held-out row does not end with a prompt and an assistant answer"]["first"] == ["h.jsonl:1", "h.jsonl:2"]
+    assert data.stats["dropped"]["held-out row does not end with a prompt and an assistant answer"]["first"] == [
+        "h.jsonl:1",
+        "h.jsonl:2",
+    ]
 
 
 def test_loss_on_last_turn_and_all_tokens(tiny_tokenizer):
@@ -170,8 +196,10 @@ def test_loss_on_last_turn_and_all_tokens(tiny_tokenizer):
     assert every == input_ids
     second_answer = ids(tiny_tokenizer, "Hello Bruno!<|im_end|>\n")
     assert [t for t in last if t != IGNORE_INDEX] == second_answer
-    assert last[-len(second_answer):] == second_answer  # the final positions, exactly
-    assert sum(t != IGNORE_INDEX for t in assistant_labels) == len(second_answer) + len(ids(tiny_tokenizer, "Hello Ada!<|im_end|>\n"))
+    assert last[-len(second_answer) :] == second_answer  # the final positions, exactly
+    assert sum(t != IGNORE_INDEX for t in assistant_labels) == len(second_answer) + len(
+        ids(tiny_tokenizer, "Hello Ada!<|im_end|>\n")
+    )
 
 
 def test_named_and_file_chat_templates(tmp_path, tiny_tokenizer):
@@ -195,12 +223,16 @@ def test_named_and_file_chat_templates(tmp_path, tiny_tokenizer):
 def test_weighted_mixture_draws_exact_counts(tmp_path, tiny_tokenizer):
     write_jsonl(tmp_path / "a.jsonl", [{"prompt": f"a{i}", "completion": "x"} for i in range(100)])
     write_jsonl(tmp_path / "b.jsonl", [{"prompt": f"b{i}", "completion": "y"} for i in range(100)])
-    sources = [{"path": "a.jsonl", "format": "prompt_completion", "weight": 0.7},
-               {"path": "b.jsonl", "format": "prompt_completion", "weight": 0.3}]
+    sources = [
+        {"path": "a.jsonl", "format": "prompt_completion", "weight": 0.7},
+        {"path": "b.jsonl", "format": "prompt_completion", "weight": 0.3},
+    ]
     data = prepare_data(DataSection(sources=sources), tmp_path, tiny_tokenizer, seed=0)
     # The largest 70/30 draw that repeats no row: 142 rows (100 / 0.7), split 99 / 43 by largest remainder.
-    assert data.stats["sources"] == {"a.jsonl": {"available": 100, "drawn": 99, "share": 0.6972},
-                                     "b.jsonl": {"available": 100, "drawn": 43, "share": 0.3028}}
+    assert data.stats["sources"] == {
+        "a.jsonl": {"available": 100, "drawn": 99, "share": 0.6972},
+        "b.jsonl": {"available": 100, "drawn": 43, "share": 0.3028},
+    }
     assert data.stats["train_rows"] == 142
     data = prepare_data(DataSection(sources=sources, mixture_size=300), tmp_path, tiny_tokenizer, seed=0)
     assert data.stats["sources"]["a.jsonl"] == {"available": 100, "drawn": 210, "share": 0.7, "repeated_rows": 110}
@@ -237,8 +269,15 @@ def test_tokenized_data_is_cached_by_content_tokenizer_and_settings(tmp_path, ti
 
 def varied_rows(n: int) -> list[dict]:
     words = "the quick brown fox jumps over a lazy dog".split()
-    return [{"messages": [{"role": "user", "content": " ".join(words[: 1 + i % 9])},
-                          {"role": "assistant", "content": " ".join(words[i % 5:] * (1 + i % 3))}]} for i in range(n)]
+    return [
+        {
+            "messages": [
+                {"role": "user", "content": " ".join(words[: 1 + i % 9])},
+                {"role": "assistant", "content": " ".join(words[i % 5 :] * (1 + i % 3))},
+            ]
+        }
+        for i in range(n)
+    ]
 
 
 def per_example_losses(model, input_ids, labels, position_ids=None, seq_lengths=None):
@@ -254,9 +293,9 @@ def per_example_losses(model, input_ids, labels, position_ids=None, seq_lengths=
     for row, lengths in enumerate(seq_lengths or [[input_ids.shape[1]]] * input_ids.shape[0]):
         start = 0
         for n in lengths:
-            seg_logits, seg_labels = logits[row, start:start + n - 1], labels[row, start + 1:start + n]
+            seg_logits, seg_labels = logits[row, start : start + n - 1], labels[row, start + 1 : start + n]
             loss = torch.nn.functional.cross_entropy(seg_logits, seg_labels, ignore_index=IGNORE_INDEX, reduction="sum")
-            out[tuple(input_ids[row, start:start + n].tolist())] = loss.item()
+            out[tuple(input_ids[row, start : start + n].tolist())] = loss.item()
             start += n
     return out
 
@@ -268,7 +307,9 @@ def test_packed_examples_keep_their_unpacked_losses(tmp_path, tiny_model_dir, ti
 
     write_jsonl(tmp_path / "d.jsonl", varied_rows(24))
     unpacked = prepare_data(DataSection(sources=[{"path": "d.jsonl"}], max_length=64), tmp_path, tiny_tokenizer, seed=0)
-    packed = prepare_data(DataSection(sources=[{"path": "d.jsonl"}], max_length=64, packing=True), tmp_path, tiny_tokenizer, seed=0)
+    packed = prepare_data(
+        DataSection(sources=[{"path": "d.jsonl"}], max_length=64, packing=True), tmp_path, tiny_tokenizer, seed=0
+    )
     assert packed.stats["packing"]["rows"] < len(unpacked.train) and packed.stats["packing"]["fill"] > 0.8
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
 
@@ -292,8 +333,9 @@ def test_packed_examples_keep_their_unpacked_losses(tmp_path, tiny_model_dir, ti
     batch = PackedRowsCollator(tiny_tokenizer.pad_token_id)(rows)
     assert "attention_mask" not in batch and batch["input_ids"].shape[0] == len(rows)
     assert (batch["labels"][batch["position_ids"] == 0] == IGNORE_INDEX).all()
-    apart = per_example_losses(model, batch["input_ids"], batch["labels"], batch["position_ids"],
-                               [row["seq_lengths"] for row in rows])
+    apart = per_example_losses(
+        model, batch["input_ids"], batch["labels"], batch["position_ids"], [row["seq_lengths"] for row in rows]
+    )
     assert apart.keys() == alone.keys()
     assert max(abs(apart[k] - alone[k]) for k in alone) < 1e-5
 
@@ -302,8 +344,14 @@ def test_packed_examples_keep_their_unpacked_losses(tmp_path, tiny_model_dir, ti
 
     from llmtune.methods.sft import _sft_trainer_class
 
-    args = SFTConfig(output_dir=str(tmp_path / "out"), use_cpu=True, packing=True, max_length=64, report_to="none",
-                     dataset_kwargs={"skip_prepare_dataset": True})
+    args = SFTConfig(
+        output_dir=str(tmp_path / "out"),
+        use_cpu=True,
+        packing=True,
+        max_length=64,
+        report_to="none",
+        dataset_kwargs={"skip_prepare_dataset": True},
+    )
     trainer = _sft_trainer_class()(model=model, args=args, train_dataset=packed.train, processing_class=tiny_tokenizer)
     n_tokens = sum(sum(t != IGNORE_INDEX for t in row["labels"][1:]) for row in unpacked.train)
     for collate in (trainer.data_collator, PackedRowsCollator(tiny_tokenizer.pad_token_id)):  # one sequence; rows apart

@@ -30,8 +30,14 @@ def one_process(path, *overrides, resume=False):
 
 def llmtune_train(*args, cwd=ROOT, returncode=0):
     env = os.environ | {"PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    out = subprocess.run([sys.executable, "-m", "llmtune.cli", "train", *map(str, args)], cwd=cwd, env=env,
-                         capture_output=True, text=True, timeout=900)
+    out = subprocess.run(
+        [sys.executable, "-m", "llmtune.cli", "train", *map(str, args)],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert out.returncode == returncode, out.stdout[-3000:] + out.stderr[-6000:]
     return out
 
@@ -42,8 +48,23 @@ def launch_on_two_cpu_ranks(cwd: Path, *args, env: dict | None = None, pythonpat
     config = cwd / "ddp_cpu.yaml"
     config.write_text((ROOT / "accelerate_configs" / "multi_gpu.yaml").read_text().replace("use_cpu: false", "use_cpu: true"))
     env = os.environ | (env or {}) | {"PYTHONPATH": os.pathsep.join([str(ROOT), *pythonpath, os.environ.get("PYTHONPATH", "")])}
-    out = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "--num_processes", "2",
-                          *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--config_file",
+            str(config),
+            "--num_processes",
+            "2",
+            *map(str, args),
+        ],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     assert out.returncode == 0, out.stderr[-6000:]
     return out
 
@@ -73,8 +94,9 @@ def test_ddp_under_the_users_own_accelerate_launch_equals_one_process(make_recip
     one = one_process(path, "train.batch_size=4", f"train.output_dir={tmp_path / 'one'}").path
     assert losses(two) == pytest.approx(losses(one), abs=1e-4)
     assert len(losses(two)) == 4
-    assert_same_tensors(load_file(two / "final" / "adapter_model.safetensors"),
-                        load_file(one / "final" / "adapter_model.safetensors"), atol=1e-5)
+    assert_same_tensors(
+        load_file(two / "final" / "adapter_model.safetensors"), load_file(one / "final" / "adapter_model.safetensors"), atol=1e-5
+    )
     # Rank 0 alone wrote the run directory: one metrics row per step, complete checkpoints only.
     assert sorted(p.name for p in (two / "checkpoints").iterdir()) == ["checkpoint-2", "checkpoint-4"]
     assert {"rng_state_0.pth", "rng_state_1.pth"} <= {p.name for p in (two / "checkpoints" / "checkpoint-2").iterdir()}
@@ -141,7 +163,9 @@ def test_zero3_lora_equals_one_process_resumes_from_its_deepspeed_checkpoint_and
     shutil.copytree(two, resumed)
     for name in ("final", "summary.json", "checkpoints/checkpoint-4"):
         shutil.rmtree(resumed / name) if (resumed / name).is_dir() else (resumed / name).unlink()
-    llmtune_train(path, f"train.output_dir={resumed}", "--accelerate-config", "deepspeed_zero3", "--num-processes", "2", "--resume")
+    llmtune_train(
+        path, f"train.output_dir={resumed}", "--accelerate-config", "deepspeed_zero3", "--num-processes", "2", "--resume"
+    )
     summary = json.loads((resumed / "summary.json").read_text())
     assert summary["train"]["resumed_from"].endswith("checkpoint-2")
     assert losses(resumed) == pytest.approx(losses(two), abs=1e-5)
@@ -158,15 +182,21 @@ def test_zero3_lora_equals_one_process_resumes_from_its_deepspeed_checkpoint_and
 def test_fsdp2_full_finetune_equals_one_process(make_recipe, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    path = make_recipe(adapter={"kind": "full"}, train={"batch_size": 2, "max_steps": 3, "save_steps": 3, "learning_rate": 1e-3},
-                       eval={"exact_match": {"max_new_tokens": 8}})
+    path = make_recipe(
+        adapter={"kind": "full"},
+        train={"batch_size": 2, "max_steps": 3, "save_steps": 3, "learning_rate": 1e-3},
+        eval={"exact_match": {"max_new_tokens": 8}},
+    )
     two = tmp_path / "fsdp2"
     llmtune_train(path, f"train.output_dir={two}", "--accelerate-config", "fsdp2", "--num-processes", "2")
     one = one_process(path, "train.batch_size=4", f"train.output_dir={tmp_path / 'one'}").path
     assert losses(two) == pytest.approx(losses(one), abs=1e-4)
     # FULL_STATE_DICT: final/ is one plain model gathered from the shards.
-    assert_same_tensors(AutoModelForCausalLM.from_pretrained(two / "final").state_dict(),
-                        AutoModelForCausalLM.from_pretrained(one / "final").state_dict(), atol=1e-4)
+    assert_same_tensors(
+        AutoModelForCausalLM.from_pretrained(two / "final").state_dict(),
+        AutoModelForCausalLM.from_pretrained(one / "final").state_dict(),
+        atol=1e-4,
+    )
     assert (two / "eval" / "generations-after.jsonl").read_text() == (one / "eval" / "generations-after.jsonl").read_text()
 
 
@@ -182,12 +212,28 @@ def recorded_letters_a_to_m(prompts, completions, **kwargs):
 def test_ppo_on_two_ranks_shares_out_the_prompts_gathers_the_metrics_and_resumes_exactly(tmp_path, tiny_model_dir):
     from test_ppo import ppo_recipe
 
-    ppo_recipe(tmp_path, tiny_model_dir, {"kind": "lora", "r": 8, "alpha": 16}, steps=3, lr=3e-2,
-               reward_function="test_distributed:recorded_letters_a_to_m", kl_target=1.0)
+    ppo_recipe(
+        tmp_path,
+        tiny_model_dir,
+        {"kind": "lora", "r": 8, "alpha": 16},
+        steps=3,
+        lr=3e-2,
+        reward_function="test_distributed:recorded_letters_a_to_m",
+        kl_target=1.0,
+    )
     record = tmp_path / "record"
     record.mkdir()
-    launch_on_two_cpu_ranks(tmp_path, "-m", "llmtune.cli", "train", tmp_path / "ppo.yaml", "train.batch_size=8",
-                            "train.save_steps=2", env={"PPO_RECORD": str(record)}, pythonpath=(str(ROOT / "tests"),))
+    launch_on_two_cpu_ranks(
+        tmp_path,
+        "-m",
+        "llmtune.cli",
+        "train",
+        tmp_path / "ppo.yaml",
+        "train.batch_size=8",
+        "train.save_steps=2",
+        env={"PPO_RECORD": str(record)},
+        pythonpath=(str(ROOT / "tests"),),
+    )
 
     # Calls in order on each rank: held-out before, 3 PPO steps, held-out after.
     calls = [[json.loads(line) for line in (record / f"rank-{r}.jsonl").read_text().splitlines()] for r in (0, 1)]
@@ -216,11 +262,24 @@ def test_ppo_on_two_ranks_shares_out_the_prompts_gathers_the_metrics_and_resumes
         shutil.rmtree(resumed / name, ignore_errors=True)  # the last step's checkpoint, where one was saved
     (resumed / "summary.json").unlink()
     (tmp_path / "record-resumed").mkdir()
-    launch_on_two_cpu_ranks(tmp_path, "-m", "llmtune.cli", "train", tmp_path / "ppo.yaml", "train.batch_size=8", "train.save_steps=2",
-                            f"train.output_dir={resumed}", "--resume", env={"PPO_RECORD": str(tmp_path / "record-resumed")},
-                            pythonpath=(str(ROOT / "tests"),))
+    launch_on_two_cpu_ranks(
+        tmp_path,
+        "-m",
+        "llmtune.cli",
+        "train",
+        tmp_path / "ppo.yaml",
+        "train.batch_size=8",
+        "train.save_steps=2",
+        f"train.output_dir={resumed}",
+        "--resume",
+        env={"PPO_RECORD": str(tmp_path / "record-resumed")},
+        pythonpath=(str(ROOT / "tests"),),
+    )
     timing = ("tokens_per_s", "step_time_s")
-    again = [{k: v for k, v in json.loads(line).items() if k not in timing} for line in (resumed / "metrics.jsonl").read_text().splitlines()]
+    again = [
+        {k: v for k, v in json.loads(line).items() if k not in timing}
+        for line in (resumed / "metrics.jsonl").read_text().splitlines()
+    ]
     assert again == [{k: v for k, v in r.items() if k not in timing} for r in rows]
     assert json.loads((resumed / "summary.json").read_text())["train"]["resumed_from"].endswith("checkpoint-2")
     assert_same_tensors(load_file(resumed / "final" / "adapter_model.safetensors"), final, atol=0)
@@ -229,13 +288,15 @@ def test_ppo_on_two_ranks_shares_out_the_prompts_gathers_the_metrics_and_resumes
 def test_an_input_error_or_failed_gate_on_a_launched_rank_ends_the_launch_with_its_own_message_and_code(make_recipe, tmp_path):
     """torchrun reports any failed rank as exit 1; `llmtune train` still ends on the rank's message, exit 2 or 3."""
     launch = ["--accelerate-config", "multi_gpu", "--num-processes", "2"]
-    gated = make_recipe(train={"batch_size": 2, "max_steps": 2, "save_steps": 2},
-                        eval={"perplexity": True, "gates": [{"task": "heldout", "metric": "perplexity", "max": 1.0}]})
+    gated = make_recipe(
+        train={"batch_size": 2, "max_steps": 2, "save_steps": 2},
+        eval={"perplexity": True, "gates": [{"task": "heldout", "metric": "perplexity", "max": 1.0}]},
+    )
     out = llmtune_train(gated, f"train.output_dir={tmp_path / 'gated'}", *launch, returncode=3)
     assert out.stderr.strip().splitlines()[-2:][0] == "error: evaluation gate failed:", out.stderr[-3000:]
     assert "heldout/perplexity = " in out.stderr.strip().splitlines()[-1]
 
-    (tmp_path / "garbage.jsonl").write_text("not json\n{\"also\": \"no prompt\"}\n")
+    (tmp_path / "garbage.jsonl").write_text('not json\n{"also": "no prompt"}\n')
     broken = make_recipe(data={"sources": [{"path": str(tmp_path / "garbage.jsonl")}]})
     out = llmtune_train(broken, f"train.output_dir={tmp_path / 'broken'}", *launch, returncode=2)
     tail = "\n".join(out.stderr.strip().splitlines()[-3:])  # the last thing printed, not torchrun's report

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-
 from conftest import write_jsonl
+
 from llmtune.cli import main
 from llmtune.errors import UserError
 
@@ -34,14 +34,25 @@ def mc_task_dir(tmp_path) -> Path:
     folder = tmp_path / "tasks"
     folder.mkdir()
     write_jsonl(folder / "toy_mc.jsonl", MC_ROWS)
-    (folder / "toy_mc.yaml").write_text(yaml.safe_dump({
-        "task": "toy_mc", "dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(folder / "toy_mc.jsonl")}},
-        "test_split": "test", "output_type": "multiple_choice", "doc_to_text": "Question: {{question}}\nAnswer:",
-        "doc_to_choice": "{{choices}}", "doc_to_target": "{{label}}",
-        "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True},
-                        {"metric": "acc_norm", "aggregation": "mean", "higher_is_better": True}],
-        "metadata": {"version": 1.0},
-    }))
+    (folder / "toy_mc.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "task": "toy_mc",
+                "dataset_path": "json",
+                "dataset_kwargs": {"data_files": {"test": str(folder / "toy_mc.jsonl")}},
+                "test_split": "test",
+                "output_type": "multiple_choice",
+                "doc_to_text": "Question: {{question}}\nAnswer:",
+                "doc_to_choice": "{{choices}}",
+                "doc_to_target": "{{label}}",
+                "metric_list": [
+                    {"metric": "acc", "aggregation": "mean", "higher_is_better": True},
+                    {"metric": "acc_norm", "aggregation": "mean", "higher_is_better": True},
+                ],
+                "metadata": {"version": 1.0},
+            }
+        )
+    )
     return folder
 
 
@@ -89,11 +100,31 @@ def test_llmtune_eval_equals_lm_eval_own_entry_point(tiny_model_dir, mc_task_dir
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    reference = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={tiny_model_dir},dtype=float32", device="cpu",
-                                        tasks=["toy_mc"], task_manager=TaskManager(include_path=str(mc_task_dir)), batch_size=8)
+    reference = lm_eval.simple_evaluate(
+        model="hf",
+        model_args=f"pretrained={tiny_model_dir},dtype=float32",
+        device="cpu",
+        tasks=["toy_mc"],
+        task_manager=TaskManager(include_path=str(mc_task_dir)),
+        batch_size=8,
+    )
     out = tmp_path / "out"
-    assert main(["eval", "--model", str(tiny_model_dir), "--tasks", "toy_mc", "--include-path", str(mc_task_dir),
-                 "--output", str(out)]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--model",
+                str(tiny_model_dir),
+                "--tasks",
+                "toy_mc",
+                "--include-path",
+                str(mc_task_dir),
+                "--output",
+                str(out),
+            ]
+        )
+        == 0
+    )
     ours = json.loads((out / "summary.json").read_text())["eval"]["tasks"]["after"]["toy_mc"]["metrics"]
     for metric in ("acc", "acc_norm"):
         assert ours[metric]["value"] == reference["results"]["toy_mc"][f"{metric},none"]
@@ -109,8 +140,9 @@ def test_suite_data_files_point_a_task_at_local_jsonl(tiny_model, mc_task_dir, t
 
     write_jsonl(tmp_path / "other.jsonl", MC_ROWS[:2])
     suite_file = tmp_path / "suite.yaml"
-    suite_file.write_text(yaml.safe_dump({"name": "mine", "tasks": [
-        {"task": "toy_mc", "metrics": ["acc"], "data_files": {"test": "other.jsonl"}}]}))
+    suite_file.write_text(
+        yaml.safe_dump({"name": "mine", "tasks": [{"task": "toy_mc", "metrics": ["acc"], "data_files": {"test": "other.jsonl"}}]})
+    )
     model, tokenizer = tiny_model
     results = evaluate_suites(model, tokenizer, [load_suite(str(suite_file))], include_paths=[mc_task_dir])
     assert results["toy_mc"]["n"] == 2
@@ -123,10 +155,32 @@ def test_unknown_task_suggests_the_close_name(tiny_model_dir, capsys):
 
 
 def test_hub_task_without_network_says_so_and_how_to_go_local(tiny_model_dir, tmp_path):
-    env = os.environ | {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_CACHE": str(tmp_path / "hf"),
-                        "PYTHONPATH": str(ROOT)}
-    out = subprocess.run([sys.executable, "-m", "llmtune.cli", "eval", "--model", str(tiny_model_dir), "--tasks", "arc_easy",
-                          "--limit", "2", "--output", str(tmp_path / "out")], capture_output=True, text=True, env=env, timeout=300)
+    env = os.environ | {
+        "HF_DATASETS_OFFLINE": "1",
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_CACHE": str(tmp_path / "hf"),
+        "PYTHONPATH": str(ROOT),
+    }
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "llmtune.cli",
+            "eval",
+            "--model",
+            str(tiny_model_dir),
+            "--tasks",
+            "arc_easy",
+            "--limit",
+            "2",
+            "--output",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert out.returncode == 2, out.stderr[-2000:]
     assert "Traceback" not in out.stderr
     assert "task arc_easy: its data set comes from the Hugging Face hub, which cannot be reached" in out.stderr
@@ -180,6 +234,7 @@ def test_evaluation_leaves_the_callers_random_state_alone(tiny_model, mc_task_di
 
 def test_perplexity_pools_answer_tokens_and_ignores_padding(tiny_model):
     from conftest import greeting_rows
+
     from llmtune.evaluation.native import perplexity, tokenize_held_out
 
     model, tokenizer = tiny_model
@@ -221,17 +276,27 @@ def test_gates_min_max_and_regression():
     from llmtune.evaluation.gates import check_gates
     from llmtune.recipe.schema import GateSection
 
-    before = {"arc": {"metrics": {"acc": {"value": 0.50, "higher_is_better": True}}},
-              "heldout": {"metrics": {"perplexity": {"value": 3.0, "higher_is_better": False}}}}
-    after = {"arc": {"metrics": {"acc": {"value": 0.47, "higher_is_better": True}}},
-             "heldout": {"metrics": {"perplexity": {"value": 3.5, "higher_is_better": False}}}}
-    gates = [GateSection(task="arc", metric="acc", min=0.45), GateSection(task="arc", metric="acc", max_regression=0.02),
-             GateSection(task="heldout", metric="perplexity", max_regression=1.0), GateSection(task="heldout", metric="perplexity", max=3.2),
-             GateSection(task="mmlu", metric="acc", min=0.3)]
+    before = {
+        "arc": {"metrics": {"acc": {"value": 0.50, "higher_is_better": True}}},
+        "heldout": {"metrics": {"perplexity": {"value": 3.0, "higher_is_better": False}}},
+    }
+    after = {
+        "arc": {"metrics": {"acc": {"value": 0.47, "higher_is_better": True}}},
+        "heldout": {"metrics": {"perplexity": {"value": 3.5, "higher_is_better": False}}},
+    }
+    gates = [
+        GateSection(task="arc", metric="acc", min=0.45),
+        GateSection(task="arc", metric="acc", max_regression=0.02),
+        GateSection(task="heldout", metric="perplexity", max_regression=1.0),
+        GateSection(task="heldout", metric="perplexity", max=3.2),
+        GateSection(task="mmlu", metric="acc", min=0.3),
+    ]
     verdict = check_gates(gates, after, before)
     assert not verdict["passed"]
-    assert verdict["checked"] == ["arc/acc = 0.47, minimum 0.45",
-                                  "heldout/perplexity = 3.5 against base 3: regression 0.5, allowed 1"]
+    assert verdict["checked"] == [
+        "arc/acc = 0.47, minimum 0.45",
+        "heldout/perplexity = 3.5 against base 3: regression 0.5, allowed 1",
+    ]
     assert [f.split(" ")[0] for f in verdict["failures"]] == ["arc/acc", "heldout/perplexity", "mmlu/acc:"]
     assert "regression 0.03" in verdict["failures"][0]
     assert check_gates(gates[:1], after)["passed"]
@@ -243,16 +308,39 @@ def test_gate_needs_a_condition_a_measured_figure_and_regression_needs_before_af
     with pytest.raises(UserError, match="a gate needs min, max or max_regression"):
         load_recipe(make_recipe(eval={"gates": [{"task": "heldout", "metric": "exact_match"}]}), [])
     with pytest.raises(UserError, match="max_regression compares with the base model; set eval.before_after: true"):
-        load_recipe(make_recipe(eval={"perplexity": True, "gates": [{"task": "heldout", "metric": "perplexity", "max_regression": 0.1}]}), [])
-    with pytest.raises(UserError, match=r"eval.gates\[0\]: heldout/perplexity is not measured by this recipe; add eval.perplexity: true"):
+        load_recipe(
+            make_recipe(eval={"perplexity": True, "gates": [{"task": "heldout", "metric": "perplexity", "max_regression": 0.1}]}),
+            [],
+        )
+    with pytest.raises(
+        UserError, match=r"eval.gates\[0\]: heldout/perplexity is not measured by this recipe; add eval.perplexity: true"
+    ):
         load_recipe(make_recipe(eval={"gates": [{"task": "heldout", "metric": "perplexity", "max": 9.0}]}), [])
 
 
 def test_compare_prints_differences(tmp_path, capsys):
     for name, value in (("a", 0.40), ("b", 0.55)):
         (tmp_path / name).mkdir()
-        (tmp_path / name / "summary.json").write_text(json.dumps({"model": name, "eval": {"tasks": {"after": {
-            "arc": {"n": 100, "metrics": {"acc": {"value": value, "stderr": 0.05}, "acc_norm": {"value": 0.5, "stderr": 0.05}}}}}}}))
+        (tmp_path / name / "summary.json").write_text(
+            json.dumps(
+                {
+                    "model": name,
+                    "eval": {
+                        "tasks": {
+                            "after": {
+                                "arc": {
+                                    "n": 100,
+                                    "metrics": {
+                                        "acc": {"value": value, "stderr": 0.05},
+                                        "acc_norm": {"value": 0.5, "stderr": 0.05},
+                                    },
+                                }
+                            }
+                        }
+                    },
+                }
+            )
+        )
     assert main(["eval", "--compare", str(tmp_path / "a"), str(tmp_path / "b")]) == 0
     out = capsys.readouterr().out
     assert "+0.1500" in out and "+0.0000" in out
@@ -268,24 +356,35 @@ def test_compare_prints_differences(tmp_path, capsys):
 
 
 def test_recipe_eval_section_reports_before_after_and_a_failed_gate_exits_3(make_recipe, mc_task_dir, tmp_path, capsys):
-    path = make_recipe(eval={"before_after": True, "tasks": ["toy_mc"], "include_paths": [str(mc_task_dir)],
-                             "perplexity": True, "every_n_steps": 3, "sample_prompts": ["Greet Ada number 1."],
-                             "gates": [{"task": "heldout", "metric": "perplexity", "max": 1.0},
-                                       {"task": "toy_mc", "metric": "acc", "min": 0.0}]})
+    path = make_recipe(
+        eval={
+            "before_after": True,
+            "tasks": ["toy_mc"],
+            "include_paths": [str(mc_task_dir)],
+            "perplexity": True,
+            "every_n_steps": 3,
+            "sample_prompts": ["Greet Ada number 1."],
+            "gates": [{"task": "heldout", "metric": "perplexity", "max": 1.0}, {"task": "toy_mc", "metric": "acc", "min": 0.0}],
+        }
+    )
     assert main(["train", str(path)]) == 3
     assert "gate failed" in capsys.readouterr().err
     run = tmp_path / "run"
     summary = json.loads((run / "summary.json").read_text())
     assert summary["status"] == "failed"
     assert summary["gates"]["failures"][0].startswith("heldout/perplexity = ")
-    assert summary["gates"]["checked"] == ["toy_mc/acc = " + f"{summary['eval']['tasks']['after']['toy_mc']['metrics']['acc']['value']:.4g}, minimum 0"]
+    assert summary["gates"]["checked"] == [
+        "toy_mc/acc = " + f"{summary['eval']['tasks']['after']['toy_mc']['metrics']['acc']['value']:.4g}, minimum 0"
+    ]
     tasks = summary["eval"]["tasks"]
     for when in ("before", "after"):
         assert set(tasks[when]) == {"toy_mc", "heldout"}
         assert (run / "eval" / f"samples-{when}.jsonl").is_file()
         assert (run / "eval" / f"samples-toy_mc-{when}.jsonl").is_file()
     ppl = tasks["after"]["heldout"]["metrics"]["perplexity"]["value"]
-    assert tasks["delta"]["heldout"]["perplexity"] == pytest.approx(ppl - tasks["before"]["heldout"]["metrics"]["perplexity"]["value"], abs=1e-5)
+    assert tasks["delta"]["heldout"]["perplexity"] == pytest.approx(
+        ppl - tasks["before"]["heldout"]["metrics"]["perplexity"]["value"], abs=1e-5
+    )
     assert ppl < tasks["before"]["heldout"]["metrics"]["perplexity"]["value"]  # 6 steps at lr 5e-3 on the same kind of rows
     periodic = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "eval_perplexity" in r]
     assert [r["step"] for r in periodic] == [3, 6]
@@ -299,7 +398,10 @@ def test_evaluating_before_training_does_not_change_training(make_recipe, mc_tas
     from llmtune.recipe import load_recipe
 
     plain = run_recipe(*load_recipe(make_recipe(), [f"train.output_dir={tmp_path / 'plain'}"]))
-    with_eval = run_recipe(*load_recipe(make_recipe(eval={"before_after": True, "tasks": ["toy_mc"],
-                                                          "include_paths": [str(mc_task_dir)]}),
-                                        [f"train.output_dir={tmp_path / 'evaluated'}"]))
+    with_eval = run_recipe(
+        *load_recipe(
+            make_recipe(eval={"before_after": True, "tasks": ["toy_mc"], "include_paths": [str(mc_task_dir)]}),
+            [f"train.output_dir={tmp_path / 'evaluated'}"],
+        )
+    )
     assert with_eval.summary["train"]["final_loss"] == plain.summary["train"]["final_loss"]

@@ -16,18 +16,30 @@ def build_model(kind: str, tokenizer_dir, out_dir, tie: bool = False):
     """A 2-layer model of the given family, with the tiny BPE tokenizer, saved to out_dir."""
     from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-    config_cls, model_cls = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM),
-                             "mistral": (MistralConfig, MistralForCausalLM)}[kind]
+    config_cls, model_cls = {
+        "llama": (LlamaConfig, LlamaForCausalLM),
+        "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+        "mistral": (MistralConfig, MistralForCausalLM),
+    }[kind]
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     # vocab_size above the tokenizer's: the GGUF vocabulary must be padded to the embedding rows.
-    config = config_cls(vocab_size=len(tokenizer) + 5, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=tie)
+    config = config_cls(
+        vocab_size=len(tokenizer) + 5,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=tie,
+    )
     torch.manual_seed(0)
     model = model_cls(config)
     with torch.no_grad():  # norms away from 1 and biases away from 0, so a misplaced tensor shows
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.ndim == 1:
                 p.add_(torch.randn_like(p) * 0.1)
     model.save_pretrained(out_dir)
@@ -35,8 +47,10 @@ def build_model(kind: str, tokenizer_dir, out_dir, tie: bool = False):
     return out_dir
 
 
-@pytest.mark.parametrize("kind,tie,fmt", [("llama", False, "gguf-f16"), ("llama", False, "gguf-q4_0"),
-                                          ("qwen2", True, "gguf-q8_0"), ("mistral", False, "gguf-f16")])
+@pytest.mark.parametrize(
+    "kind,tie,fmt",
+    [("llama", False, "gguf-f16"), ("llama", False, "gguf-q4_0"), ("qwen2", True, "gguf-q8_0"), ("mistral", False, "gguf-f16")],
+)
 def test_gguf_reloads_to_the_weights_its_format_promises(kind, tie, fmt, tiny_tokenizer_dir, tmp_path):
     model_dir = build_model(kind, tiny_tokenizer_dir, tmp_path / kind, tie)
     record = export_model(model_dir, fmt, tmp_path / "out")
@@ -81,7 +95,7 @@ def _adapter_dir(tiny_model_dir, tmp_path, peft_config):
     torch.manual_seed(1)
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32), peft_config)
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.requires_grad:
                 p.add_(torch.randn_like(p) * 0.2)
     out = tmp_path / "adapter"
@@ -94,8 +108,11 @@ def _adapter_dir(tiny_model_dir, tmp_path, peft_config):
 def test_merged_export_equals_the_adapter(method, tiny_model_dir, tmp_path):
     from peft import IA3Config, LoraConfig
 
-    config = (IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"]) if method == "ia3"
-              else LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", use_dora=method == "dora"))
+    config = (
+        IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"])
+        if method == "ia3"
+        else LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", use_dora=method == "dora")
+    )
     adapter_dir, adapted = _adapter_dir(tiny_model_dir, tmp_path, config)
     record = export_model(adapter_dir, "merged", tmp_path / "merged")
     assert record["ok"] and record["kind"] == "merged"
@@ -162,7 +179,7 @@ def test_export_of_a_run_records_in_its_summary_with_a_model_card(make_recipe, t
     manifest = json.loads((run.path / "manifest.json").read_text())
     for fingerprint in manifest["data_fingerprints"].values():
         assert fingerprint in card
-    assert "exact_match" in card and "## Recipe" in card and "gguf_file=\"model.gguf\"" in card
+    assert "exact_match" in card and "## Recipe" in card and 'gguf_file="model.gguf"' in card
     assert summary["eval"]["after"]  # the run's own results are untouched
 
 

@@ -33,8 +33,9 @@ print(json.dumps(out))
 def test_every_format_from_the_recipe_loads_in_plain_transformers(make_recipe, tmp_path):
     path = make_recipe(export={"formats": list(FORMATS)}, train={"max_steps": 4})
     run_dir = tmp_path / "run"
-    done = subprocess.run([sys.executable, "-m", "llmtune.cli", "train", str(path)], cwd=ROOT, capture_output=True, text=True,
-                          timeout=900)
+    done = subprocess.run(
+        [sys.executable, "-m", "llmtune.cli", "train", str(path)], cwd=ROOT, capture_output=True, text=True, timeout=900
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert list(summary["export"]) == list(FORMATS)
@@ -44,8 +45,9 @@ def test_every_format_from_the_recipe_loads_in_plain_transformers(make_recipe, t
     sizes = {fmt: r["bytes"] for fmt, r in summary["export"].items()}
     assert sizes["gguf-q4_0"] < sizes["gguf-q8_0"] < sizes["gguf-f16"] < sizes["merged"]
 
-    loaded = subprocess.run([sys.executable, "-c", LOAD_EVERY_FORMAT, str(run_dir / "export")], capture_output=True, text=True,
-                            timeout=600)
+    loaded = subprocess.run(
+        [sys.executable, "-c", LOAD_EVERY_FORMAT, str(run_dir / "export")], capture_output=True, text=True, timeout=600
+    )
     assert loaded.returncode == 0, loaded.stderr[-3000:]
     logits = json.loads(loaded.stdout.strip().splitlines()[-1])
     import torch

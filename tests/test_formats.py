@@ -1,11 +1,10 @@
 """Every data format, file type and row check: what each row becomes, and why a row is dropped."""
 
 import csv
-import json
 
 import pytest
-
 from conftest import write_jsonl
+
 from llmtune.data import prepare_data
 from llmtune.data.formats import RowError, to_canonical
 from llmtune.errors import UserError
@@ -25,48 +24,76 @@ def assistant(text):
 
 
 def test_chat_formats_become_messages():
-    assert canonical({"instruction": "Add", "input": "1 2", "output": "3"}, "alpaca") == \
-        {"messages": [user("Add\n\n1 2"), assistant("3")]}
-    assert canonical({"instruction": "Hi", "input": "", "output": "Hello", "system": "Be kind.",
-                      "history": [["a", "b"]]}, "alpaca") == \
-        {"messages": [{"role": "system", "content": "Be kind."}, user("a"), assistant("b"), user("Hi"), assistant("Hello")]}
-    assert canonical({"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}],
-                      "system": "S"}, "sharegpt") == \
-        {"messages": [{"role": "system", "content": "S"}, user("Hi"), assistant("Hello")]}
-    parts = {"messages": [{"role": "user", "content": [{"type": "text", "text": "He"}, {"type": "text", "text": "llo"}]},
-                          assistant("Hi")]}
+    assert canonical({"instruction": "Add", "input": "1 2", "output": "3"}, "alpaca") == {
+        "messages": [user("Add\n\n1 2"), assistant("3")]
+    }
+    assert canonical(
+        {"instruction": "Hi", "input": "", "output": "Hello", "system": "Be kind.", "history": [["a", "b"]]}, "alpaca"
+    ) == {"messages": [{"role": "system", "content": "Be kind."}, user("a"), assistant("b"), user("Hi"), assistant("Hello")]}
+    assert canonical(
+        {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}], "system": "S"}, "sharegpt"
+    ) == {"messages": [{"role": "system", "content": "S"}, user("Hi"), assistant("Hello")]}
+    parts = {
+        "messages": [
+            {"role": "user", "content": [{"type": "text", "text": "He"}, {"type": "text", "text": "llo"}]},
+            assistant("Hi"),
+        ]
+    }
     assert canonical(parts, "messages") == {"messages": [user("Hello"), assistant("Hi")]}
-    assert canonical({"q": "Hi", "a": "Hello"}, "prompt_completion", columns={"prompt": "q", "completion": "a"}) == \
-        {"messages": [user("Hi"), assistant("Hello")]}
+    assert canonical({"q": "Hi", "a": "Hello"}, "prompt_completion", columns={"prompt": "q", "completion": "a"}) == {
+        "messages": [user("Hi"), assistant("Hello")]
+    }
     assert canonical({"text": "Once upon a time"}, "text") == {"text": "Once upon a time"}
 
 
 def test_preference_rows_in_every_layout():
     expected = {"prompt": [user("Hi")], "chosen": [assistant("Hello!")], "rejected": [assistant("Go away.")]}
     assert canonical({"prompt": "Hi", "chosen": "Hello!", "rejected": "Go away."}, "preference") == expected
-    assert canonical({"prompt": [user("Hi")], "chosen": [assistant("Hello!")], "rejected": [assistant("Go away.")]},
-                     "preference") == expected
+    assert (
+        canonical({"prompt": [user("Hi")], "chosen": [assistant("Hello!")], "rejected": [assistant("Go away.")]}, "preference")
+        == expected
+    )
     # Full conversations sharing everything but the last answer.
-    assert canonical({"chosen": [user("Hi"), assistant("Hello!")], "rejected": [user("Hi"), assistant("Go away.")]},
-                     "preference") == expected
+    assert (
+        canonical({"chosen": [user("Hi"), assistant("Hello!")], "rejected": [user("Hi"), assistant("Go away.")]}, "preference")
+        == expected
+    )
     # ShareGPT preference (LLaMA-Factory's dpo layout).
-    assert canonical({"conversations": [{"from": "human", "value": "Hi"}], "chosen": {"from": "gpt", "value": "Hello!"},
-                      "rejected": {"from": "gpt", "value": "Go away."}}, "preference") == expected
+    assert (
+        canonical(
+            {
+                "conversations": [{"from": "human", "value": "Hi"}],
+                "chosen": {"from": "gpt", "value": "Hello!"},
+                "rejected": {"from": "gpt", "value": "Go away."},
+            },
+            "preference",
+        )
+        == expected
+    )
     # hh-rlhf transcripts: split at the last assistant turn, earlier turns become messages.
     hh = "\n\nHuman: Hi\n\nAssistant: Hey.\n\nHuman: How are you?\n\nAssistant:"
     row = canonical({"chosen": hh + " Fine, thanks.", "rejected": hh + " Leave me alone."}, "preference")
-    assert row == {"prompt": [user("Hi"), assistant("Hey."), user("How are you?")],
-                   "chosen": [assistant("Fine, thanks.")], "rejected": [assistant("Leave me alone.")]}
+    assert row == {
+        "prompt": [user("Hi"), assistant("Hey."), user("How are you?")],
+        "chosen": [assistant("Fine, thanks.")],
+        "rejected": [assistant("Leave me alone.")],
+    }
 
 
-@pytest.mark.parametrize("row, reason", [
-    ({"prompt": "Hi", "chosen": "a"}, "missing field 'rejected'"),
-    ({"prompt": "Hi", "chosen": "a", "rejected": "a"}, "'chosen' and 'rejected' are identical"),
-    ({"prompt": "Hi", "chosen": " ", "rejected": "a"}, "empty 'chosen' response"),
-    ({"chosen": "plain text", "rejected": "other"}, "has no prompt and is not a"),
-    ({"chosen": "\n\nHuman: A\n\nAssistant: x", "rejected": "\n\nHuman: B\n\nAssistant: y"}, "do not share the same conversation"),
-    ({"prompt": "Hi", "chosen": 3, "rejected": "a"}, "field 'chosen' is not text or an assistant message"),
-])
+@pytest.mark.parametrize(
+    "row, reason",
+    [
+        ({"prompt": "Hi", "chosen": "a"}, "missing field 'rejected'"),
+        ({"prompt": "Hi", "chosen": "a", "rejected": "a"}, "'chosen' and 'rejected' are identical"),
+        ({"prompt": "Hi", "chosen": " ", "rejected": "a"}, "empty 'chosen' response"),
+        ({"chosen": "plain text", "rejected": "other"}, "has no prompt and is not a"),
+        (
+            {"chosen": "\n\nHuman: A\n\nAssistant: x", "rejected": "\n\nHuman: B\n\nAssistant: y"},
+            "do not share the same conversation",
+        ),
+        ({"prompt": "Hi", "chosen": 3, "rejected": "a"}, "field 'chosen' is not text or an assistant message"),
+    ],
+)
 def test_malformed_preference_rows(row, reason):
     with pytest.raises(RowError, match=reason):
         canonical(row, "preference")
@@ -91,7 +118,9 @@ def test_csv_and_parquet_sources_with_row_numbers(tmp_path, tiny_tokenizer):
         w.writerows([["Greet Ada.", "Hello Ada!"], ["Greet Bruno.", ""], ["only one field"]])
     with open(tmp_path / "d.csv", "ab") as f:
         f.write(b"Greet \xff.,Hello\n")
-    pq.write_table(pa.table({"prompt": ["Greet Chen.", "Greet Dana."], "completion": ["Hello Chen!", None]}), tmp_path / "d.parquet")
+    pq.write_table(
+        pa.table({"prompt": ["Greet Chen.", "Greet Dana."], "completion": ["Hello Chen!", None]}), tmp_path / "d.parquet"
+    )
     cfg = DataSection(sources=[{"path": "d.*", "format": "prompt_completion"}])
     data = prepare_data(cfg, tmp_path, tiny_tokenizer, seed=0)
     assert data.stats["train_rows"] == 2
@@ -116,8 +145,9 @@ def test_preference_and_prompt_data_in_trl_conversational_layout(tmp_path, tiny_
     rows = [{"prompt": f"Greet {n}.", "chosen": f"Hello {n}!", "rejected": "No."} for n in ("Ada", "Bruno", "Chen")]
     rows.append({"prompt": "Greet " + "x " * 100, "chosen": "Hi", "rejected": "No."})
     write_jsonl(tmp_path / "p.jsonl", rows)
-    data = prepare_data(DataSection(sources=[{"path": "p.jsonl", "format": "preference"}], max_length=48),
-                        tmp_path, tiny_tokenizer, seed=0)
+    data = prepare_data(
+        DataSection(sources=[{"path": "p.jsonl", "format": "preference"}], max_length=48), tmp_path, tiny_tokenizer, seed=0
+    )
     assert data.kind == "preference" and set(data.train.column_names) == {"prompt", "chosen", "rejected"}
     assert len(data.train) == 3 and data.stats["dropped"]["longer than data.max_length=48 tokens"]["rows"] == 1
     assert data.train[0]["chosen"][0]["role"] == "assistant"
@@ -129,7 +159,9 @@ def test_preference_and_prompt_data_in_trl_conversational_layout(tmp_path, tiny_
 
 def test_text_rows_carry_loss_everywhere_and_long_ones_are_cut(tmp_path, tiny_tokenizer):
     write_jsonl(tmp_path / "t.jsonl", [{"text": "The quick brown fox jumps over the lazy dog. " * 6}])
-    data = prepare_data(DataSection(sources=[{"path": "t.jsonl", "format": "text"}], max_length=16), tmp_path, tiny_tokenizer, seed=0)
+    data = prepare_data(
+        DataSection(sources=[{"path": "t.jsonl", "format": "text"}], max_length=16), tmp_path, tiny_tokenizer, seed=0
+    )
     pieces = data.train["input_ids"]
     assert len(pieces) > 1 and all(len(p) <= 16 for p in pieces)
     assert data.train["labels"] == pieces  # every token carries loss

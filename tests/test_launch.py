@@ -8,18 +8,44 @@ from pathlib import Path
 import pytest
 
 from llmtune.errors import UserError
-from llmtune.launch import (LaunchOptions, launch_command, launch_options, read_accelerate_config,
-                            resolve_accelerate_config, shipped_configs)
+from llmtune.launch import (
+    LaunchOptions,
+    launch_command,
+    launch_options,
+    read_accelerate_config,
+    resolve_accelerate_config,
+    shipped_configs,
+)
 from llmtune.recipe import load_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
-EXPECTED = {"single_gpu", "multi_gpu", "deepspeed_zero1", "deepspeed_zero2", "deepspeed_zero2_offload",
-            "deepspeed_zero3", "deepspeed_zero3_offload", "fsdp2", "multi_node"}
+EXPECTED = {
+    "single_gpu",
+    "multi_gpu",
+    "deepspeed_zero1",
+    "deepspeed_zero2",
+    "deepspeed_zero2_offload",
+    "deepspeed_zero3",
+    "deepspeed_zero3_offload",
+    "fsdp2",
+    "multi_node",
+}
 
 
 def flags(**kw):
-    return Namespace(**({"accelerate_config": None, "num_processes": None, "num_machines": None, "machine_rank": None,
-                         "main_process_ip": None, "main_process_port": None} | kw))
+    return Namespace(
+        **(
+            {
+                "accelerate_config": None,
+                "num_processes": None,
+                "num_machines": None,
+                "machine_rank": None,
+                "main_process_ip": None,
+                "main_process_port": None,
+            }
+            | kw
+        )
+    )
 
 
 def test_every_config_is_shipped_opens_with_when_to_use_it_and_accelerate_accepts_it():
@@ -73,7 +99,9 @@ def test_gpu_launch_defaults_to_one_process_per_visible_gpu_on_every_machine(tmp
     cmd = launch_command(multi, ["r.yaml"], gpus=8, scratch=tmp_path)
     assert cmd[cmd.index("--num_processes") + 1] == "32"
     assert cmd[cmd.index("--machine_rank") + 1] == "3" and cmd[cmd.index("--main_process_ip") + 1] == "10.1.2.3"
-    explicit = launch_command(LaunchOptions(config=shipped_configs()["multi_gpu"], num_processes=3), ["r.yaml"], gpus=8, scratch=tmp_path)
+    explicit = launch_command(
+        LaunchOptions(config=shipped_configs()["multi_gpu"], num_processes=3), ["r.yaml"], gpus=8, scratch=tmp_path
+    )
     assert explicit[explicit.index("--num_processes") + 1] == "3"
     single = launch_command(LaunchOptions(config=shipped_configs()["single_gpu"]), ["r.yaml"], gpus=8, scratch=tmp_path)
     assert "--num_processes" not in single
@@ -85,7 +113,9 @@ def test_launch_mistakes_are_user_errors(tmp_path):
     with pytest.raises(UserError, match="--main-process-ip"):
         launch_command(LaunchOptions(config=no_ip), ["r.yaml"], gpus=2, scratch=tmp_path)
     with pytest.raises(UserError, match="--machine-rank: 2 is not below"):
-        launch_command(LaunchOptions(config=shipped_configs()["multi_node"], machine_rank=2), ["r.yaml"], gpus=2, scratch=tmp_path)
+        launch_command(
+            LaunchOptions(config=shipped_configs()["multi_node"], machine_rank=2), ["r.yaml"], gpus=2, scratch=tmp_path
+        )
 
 
 def test_flags_win_over_the_recipe_and_need_a_config(make_recipe):
@@ -101,8 +131,12 @@ def test_flags_win_over_the_recipe_and_need_a_config(make_recipe):
 
 
 def test_train_cli_reports_a_bad_config_name_with_exit_2(make_recipe):
-    out = subprocess.run([sys.executable, "-m", "llmtune.cli", "train", str(make_recipe()), "--accelerate-config", "nope"],
-                         capture_output=True, text=True, cwd=ROOT)
+    out = subprocess.run(
+        [sys.executable, "-m", "llmtune.cli", "train", str(make_recipe()), "--accelerate-config", "nope"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert "--accelerate-config: nope is neither a file nor a shipped accelerate config" in out.stderr
 
@@ -110,11 +144,17 @@ def test_train_cli_reports_a_bad_config_name_with_exit_2(make_recipe):
 def test_ppo_under_a_weight_sharding_engine_is_refused_before_launching(make_recipe, tmp_path):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('{"prompt": "Say hi."}\n')
-    path = make_recipe(data={"sources": [{"path": str(prompts), "format": "prompt_only"}], "eval_sources": []},
-                       method={"kind": "ppo", "ppo": {"reward_function": "m:f"}})
+    path = make_recipe(
+        data={"sources": [{"path": str(prompts), "format": "prompt_only"}], "eval_sources": []},
+        method={"kind": "ppo", "ppo": {"reward_function": "m:f"}},
+    )
     for config in ("deepspeed_zero2", "fsdp2"):
-        out = subprocess.run([sys.executable, "-m", "llmtune.cli", "train", str(path), "--accelerate-config", config],
-                             capture_output=True, text=True, cwd=ROOT)
+        out = subprocess.run(
+            [sys.executable, "-m", "llmtune.cli", "train", str(path), "--accelerate-config", config],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+        )
         assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-3000:]
         assert "method.kind ppo: runs on one process or DDP" in out.stderr and "launching" not in out.stdout
 

@@ -29,8 +29,9 @@ def test_every_method_declares_the_whole_protocol(kind):
         assert callable(module.head_labels)
 
 
-@pytest.mark.parametrize("path", ["pipeline.py", "plan.py", "recipe/schema.py", "recipe/rules.py", "launch.py",
-                                  "data/__init__.py"])
+@pytest.mark.parametrize(
+    "path", ["pipeline.py", "plan.py", "recipe/schema.py", "recipe/rules.py", "launch.py", "data/__init__.py"]
+)
 def test_the_shared_modules_ask_the_method_instead_of_naming_it(path):
     text = (SOURCE / path).read_text()
     kinds = "|".join(METHODS)
@@ -43,14 +44,16 @@ def test_a_method_module_imports_nothing_heavy_at_its_top(tmp_path):
     import subprocess
     import sys
 
-    code = "import sys, llmtune.methods, llmtune.recipe.schema; print(sorted(m for m in ('torch', 'trl', 'transformers') if m in sys.modules))"
+    code = (
+        "import sys, llmtune.methods, llmtune.recipe.schema; "
+        "print(sorted(m for m in ('torch', 'trl', 'transformers') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 
 
 def plan(make_recipe, method, fmt="preference", **sections):
-    path = make_recipe(method=method, data={"sources": [{"path": "pairs.jsonl", "format": fmt}], "eval_sources": []},
-                       **sections)
+    path = make_recipe(method=method, data={"sources": [{"path": "pairs.jsonl", "format": fmt}], "eval_sources": []}, **sections)
     recipe, _ = load_recipe(path)
     return estimate_memory(recipe, device="cpu")
 
@@ -63,7 +66,9 @@ def test_plan_counts_a_reward_models_score_head_not_a_language_model_head(make_r
     reward = plan(make_recipe, {"kind": "reward"}, adapter={"kind": "full"})
     # The vocabulary head (untied) gives way to a one-output score head: hidden_size weights.
     assert reward.total_params == sft.total_params - config.vocab_size * config.hidden_size + config.hidden_size
-    assert "logits and loss" not in reward.gpu and reward.gpu["activations of the rejected responses"] == reward.gpu["activations"]
+    assert (
+        "logits and loss" not in reward.gpu and reward.gpu["activations of the rejected responses"] == reward.gpu["activations"]
+    )
 
 
 def test_plan_counts_dpo_pairs_and_its_reference_only_with_whole_weights(make_recipe):

@@ -11,9 +11,9 @@ import json
 
 import pytest
 import torch
+from conftest import write_jsonl
 from transformers import set_seed
 
-from conftest import write_jsonl
 from llmtune.errors import UserError
 from llmtune.models.adapter import apply_adapter
 from llmtune.models.load import resolve_precision
@@ -26,8 +26,11 @@ LORA_R4 = 4 * ((H + H) * 2 + (H + KV) * 2 + (H + FF) * 3) * LAYERS  # r * (in + 
 
 CASES = {
     "lora": ({"kind": "lora", "r": 4}, {}, LORA_R4),
-    "lora-dora-rslora": ({"kind": "lora", "r": 4, "alpha": 8, "use_dora": True, "use_rslora": True}, {},
-                         LORA_R4 + (H * 2 + KV * 2 + FF * 2 + H) * LAYERS),  # + one magnitude per output feature
+    "lora-dora-rslora": (
+        {"kind": "lora", "r": 4, "alpha": 8, "use_dora": True, "use_rslora": True},
+        {},
+        LORA_R4 + (H * 2 + KV * 2 + FF * 2 + H) * LAYERS,
+    ),  # + one magnitude per output feature
     "lora-qv": ({"kind": "lora", "r": 4, "target_modules": ["q_proj", "v_proj"]}, {}, 4 * ((H + H) + (H + KV)) * LAYERS),
     "lora-attention": ({"kind": "lora", "r": 4, "target_modules": "attention"}, {}, 4 * ((H + H) * 2 + (H + KV) * 2) * LAYERS),
     "qlora-4bit": ({"kind": "lora", "r": 4}, {"quantization": "4bit"}, LORA_R4),
@@ -93,8 +96,9 @@ def check_reload(result, recipe, model_dir, labels=None):
     if recipe.adapter.kind in ("full", "freeze"):
         reloaded = auto.from_pretrained(final)
     else:
-        reloaded = PeftModel.from_pretrained(fresh_base(model_dir, recipe.model.quantization, labels,
-                                                        result.tokenizer.pad_token_id), final)
+        reloaded = PeftModel.from_pretrained(
+            fresh_base(model_dir, recipe.model.quantization, labels, result.tokenizer.pad_token_id), final
+        )
     batch = result.tokenizer(["Greet Ada number 3.", "Hello"], return_tensors="pt", padding=True)
     result.model.eval()
     with torch.no_grad():
@@ -116,7 +120,9 @@ def check_reload(result, recipe, model_dir, labels=None):
 @pytest.mark.parametrize("case", CASES)
 def test_causal_lm_method(case, make_recipe, tiny_model_dir):
     adapter, model, expected = CASES[case]
-    path = make_recipe(adapter=adapter, model={"name": str(tiny_model_dir), **model}, train={"max_steps": 3, "learning_rate": 1e-2})
+    path = make_recipe(
+        adapter=adapter, model={"name": str(tiny_model_dir), **model}, train={"max_steps": 3, "learning_rate": 1e-2}
+    )
     recipe, recipe_dir = load_recipe(path)
     result = run_recipe(recipe, recipe_dir)
     check_trained_model(result, recipe, tiny_model_dir, expected)
@@ -131,7 +137,7 @@ def check_method_specifics(case, result, model_dir):
     model = result.model
     if case == "lora-dora-rslora":
         layer = model.base_model.model.model.layers[0].self_attn.q_proj
-        assert layer.scaling["default"] == pytest.approx(8 / 4 ** 0.5)  # rsLoRA: alpha / sqrt(r), not alpha / r
+        assert layer.scaling["default"] == pytest.approx(8 / 4**0.5)  # rsLoRA: alpha / sqrt(r), not alpha / r
         assert "default" in layer.lora_magnitude_vector
     if case == "qlora-4bit":
         weight = model.base_model.model.model.layers[0].mlp.up_proj.base_layer.weight
@@ -146,20 +152,30 @@ def check_method_specifics(case, result, model_dir):
         initial = embeddings[(ids * 5)[:5]]  # PEFT repeats the text's tokens to fill the virtual tokens
         set_seed(7)
         from llmtune.models.adapter import apply_adapter as build
+
         fresh = build(fresh_base(model_dir), result_recipe(result).adapter, tokenizer_path=str(model_dir))
         assert torch.equal(fresh.prompt_encoder["default"].embedding.weight.detach(), initial.detach())
 
 
-@pytest.mark.parametrize("adapter", [{"kind": "full"}, {"kind": "freeze", "trainable": [r"^score\."]}, {"kind": "lora", "r": 4}],
-                         ids=["full", "frozen-backbone", "lora"])
+@pytest.mark.parametrize(
+    "adapter",
+    [{"kind": "full"}, {"kind": "freeze", "trainable": [r"^score\."]}, {"kind": "lora", "r": 4}],
+    ids=["full", "frozen-backbone", "lora"],
+)
 def test_classification_head(adapter, tmp_path, make_recipe, tiny_model_dir):
     rows = [{"text": f"{verb} Ada number {i}.", "label": verb.lower()} for i in range(24) for verb in ("Greet", "Thank", "Call")]
     write_jsonl(tmp_path / "cls.jsonl", rows[:60])
     write_jsonl(tmp_path / "cls_test.jsonl", rows[60:] + [{"text": "Fire Ada.", "label": "fire"}])
-    path = make_recipe(method={"kind": "classification"}, adapter=adapter,
-                       data={"sources": [{"path": str(tmp_path / "cls.jsonl"), "format": "classification"}],
-                             "eval_sources": [{"path": str(tmp_path / "cls_test.jsonl"), "format": "classification"}]},
-                       train={"max_steps": 4, "learning_rate": 1e-2}, eval={"before_after": True})
+    path = make_recipe(
+        method={"kind": "classification"},
+        adapter=adapter,
+        data={
+            "sources": [{"path": str(tmp_path / "cls.jsonl"), "format": "classification"}],
+            "eval_sources": [{"path": str(tmp_path / "cls_test.jsonl"), "format": "classification"}],
+        },
+        train={"max_steps": 4, "learning_rate": 1e-2},
+        eval={"before_after": True},
+    )
     recipe, recipe_dir = load_recipe(path)
     result = run_recipe(recipe, recipe_dir)
     labels = ["call", "greet", "thank"]
@@ -190,15 +206,20 @@ def test_prefix_tuning_refuses_gradient_checkpointing(make_recipe):
     path = make_recipe(adapter={"kind": "prefix"}, train={"gradient_checkpointing": True})
     with pytest.raises(UserError) as info:
         load_recipe(path)
-    assert info.value.problems == ["adapter.kind: prefix tuning cannot run with gradient checkpointing (PEFT's cached "
-                                   "prefix key/values do not survive recomputation); set train.gradient_checkpointing: false"]
+    assert info.value.problems == [
+        "adapter.kind: prefix tuning cannot run with gradient checkpointing (PEFT's cached "
+        "prefix key/values do not survive recomputation); set train.gradient_checkpointing: false"
+    ]
 
 
-@pytest.mark.parametrize("adapter, model, message", [
-    ({"kind": "prefix", "r": 8}, {}, "adapter.r: applies to kind lora only, not prefix; remove it"),
-    ({"kind": "full"}, {"quantization": "4bit"}, "model.quantization: a quantized base trains through LoRA adapters only"),
-    ({"kind": "freeze"}, {}, "adapter.kind: freeze needs adapter.trainable patterns"),
-])
+@pytest.mark.parametrize(
+    "adapter, model, message",
+    [
+        ({"kind": "prefix", "r": 8}, {}, "adapter.r: applies to kind lora only, not prefix; remove it"),
+        ({"kind": "full"}, {"quantization": "4bit"}, "model.quantization: a quantized base trains through LoRA adapters only"),
+        ({"kind": "freeze"}, {}, "adapter.kind: freeze needs adapter.trainable patterns"),
+    ],
+)
 def test_impossible_combinations_are_refused(adapter, model, message, make_recipe, tiny_model_dir):
     path = make_recipe(adapter=adapter, model={"name": str(tiny_model_dir), **model})
     with pytest.raises(UserError) as info:

@@ -2,7 +2,6 @@
 what autograd really saves, and the warning before a launch that will not fit."""
 
 import json
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -19,10 +18,18 @@ def plan_for(make_recipe, *overrides, config=None, processes=None, device="cpu",
     return estimate_memory(recipe, options, device=device)
 
 
-@pytest.mark.parametrize("adapter", [
-    {"kind": "lora", "r": 4, "alpha": 8}, {"kind": "lora", "r": 4, "use_dora": True}, {"kind": "full"},
-    {"kind": "freeze", "freeze_layers": 1}, {"kind": "prefix", "num_virtual_tokens": 5},
-    {"kind": "prompt", "num_virtual_tokens": 5}, {"kind": "ia3"}])
+@pytest.mark.parametrize(
+    "adapter",
+    [
+        {"kind": "lora", "r": 4, "alpha": 8},
+        {"kind": "lora", "r": 4, "use_dora": True},
+        {"kind": "full"},
+        {"kind": "freeze", "freeze_layers": 1},
+        {"kind": "prefix", "num_virtual_tokens": 5},
+        {"kind": "prompt", "num_virtual_tokens": 5},
+        {"kind": "ia3"},
+    ],
+)
 def test_counts_equal_the_real_model_with_its_adapter(make_recipe, tiny_model_dir, adapter):
     """The empty-weights model counts exactly what loading the weights and applying the adapter counts."""
     from transformers import AutoModelForCausalLM
@@ -65,7 +72,10 @@ def test_zero_stages_shard_what_the_zero_paper_says(make_recipe):
     assert offload.gpu["optimizer states"] == 0 and offload.gpu["parameters"] == 0
     assert offload.cpu_offload == pytest.approx(z3.gpu["optimizer states"] * n + z3.gpu["parameters"] * n)
     fsdp = plan_for(make_recipe, config="fsdp2", processes=n, **full)
-    assert fsdp.gpu["parameters"] == single.gpu["parameters"] / n and fsdp.gpu["optimizer states"] == single.gpu["optimizer states"] / n
+    assert (
+        fsdp.gpu["parameters"] == single.gpu["parameters"] / n
+        and fsdp.gpu["optimizer states"] == single.gpu["optimizer states"] / n
+    )
 
 
 def test_batch_checkpointing_and_quantization_move_the_right_rows(make_recipe):
@@ -107,7 +117,13 @@ def test_activation_estimate_is_close_to_what_autograd_saves(make_recipe, tiny_m
 def test_launch_shape_reads_configs(make_recipe, tmp_path):
     assert launch_shape(None).kind == "single"
     shape = launch_shape(LaunchOptions(config=shipped_configs()["deepspeed_zero2_offload"], num_processes=8))
-    assert (shape.kind, shape.processes, shape.zero_stage, shape.offload_optimizer, shape.offload_params) == ("deepspeed", 8, 2, True, False)
+    assert (shape.kind, shape.processes, shape.zero_stage, shape.offload_optimizer, shape.offload_params) == (
+        "deepspeed",
+        8,
+        2,
+        True,
+        False,
+    )
     ds_json = tmp_path / "ds.json"
     ds_json.write_text(json.dumps({"zero_optimization": {"stage": 3, "offload_param": {"device": "cpu"}}}))
     own = tmp_path / "own.yaml"

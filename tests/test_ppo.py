@@ -9,9 +9,9 @@ import json
 
 import pytest
 import torch
+from conftest import NAMES, write_jsonl
 from safetensors.torch import load_file
 
-from conftest import NAMES, write_jsonl
 from llmtune.pipeline import run_recipe
 from llmtune.recipe import load_recipe
 
@@ -30,13 +30,26 @@ def ppo_recipe(tmp_path, tiny_model_dir, adapter, steps=12, lr=3e-3, **ppo):
     held_out = write_jsonl(tmp_path / "held_out.jsonl", prompt_rows(16, offset=100))
     recipe = {
         "model": {"name": str(tiny_model_dir)},
-        "data": {"sources": [{"path": str(train), "format": "prompt_only"}],
-                 "eval_sources": [{"path": str(held_out), "format": "prompt_only"}], "max_length": 64},
-        "method": {"kind": "ppo", "ppo": {"reward_function": "test_ppo:letters_a_to_m", "max_new_tokens": 8,
-                                          "mini_batch_size": 8, "ppo_epochs": 2} | ppo},
+        "data": {
+            "sources": [{"path": str(train), "format": "prompt_only"}],
+            "eval_sources": [{"path": str(held_out), "format": "prompt_only"}],
+            "max_length": 64,
+        },
+        "method": {
+            "kind": "ppo",
+            "ppo": {"reward_function": "test_ppo:letters_a_to_m", "max_new_tokens": 8, "mini_batch_size": 8, "ppo_epochs": 2}
+            | ppo,
+        },
         "adapter": adapter,
-        "train": {"output_dir": str(tmp_path / "run"), "max_steps": steps, "batch_size": 16, "learning_rate": lr,
-                  "lr_scheduler": "constant", "seed": 3, "save_steps": 6},
+        "train": {
+            "output_dir": str(tmp_path / "run"),
+            "max_steps": steps,
+            "batch_size": 16,
+            "learning_rate": lr,
+            "lr_scheduler": "constant",
+            "seed": 3,
+            "save_steps": 6,
+        },
     }
     import yaml
 
@@ -51,8 +64,22 @@ def test_ppo_raises_a_programmatic_reward_and_keeps_the_reference_frozen(tmp_pat
     result = run_recipe(recipe, recipe_dir)
     rows = result.run.read_metrics()
     assert [r["step"] for r in rows] == list(range(1, 13))
-    logged = {"reward_mean", "reward_std", "kl", "kl_coef", "entropy", "clipfrac", "approx_kl", "value_loss", "policy_loss",
-              "explained_variance", "response_length", "tokens_per_s", "loss", "lr"}
+    logged = {
+        "reward_mean",
+        "reward_std",
+        "kl",
+        "kl_coef",
+        "entropy",
+        "clipfrac",
+        "approx_kl",
+        "value_loss",
+        "policy_loss",
+        "explained_variance",
+        "response_length",
+        "tokens_per_s",
+        "loss",
+        "lr",
+    }
     assert all(logged <= set(r) for r in rows)
     first, last = [sum(r["reward_mean"] for r in part) / 3 for part in (rows[:3], rows[-3:])]
     assert last > first + 0.05, (first, last)  # measured: 0.19 -> 0.30
@@ -72,8 +99,9 @@ def test_ppo_raises_a_programmatic_reward_and_keeps_the_reference_frozen(tmp_pat
 
 
 def test_ppo_under_lora_uses_the_adapters_disabled_base_as_reference(tmp_path, tiny_model_dir):
-    recipe, recipe_dir = ppo_recipe(tmp_path, tiny_model_dir, {"kind": "lora", "r": 8, "alpha": 16}, steps=3, lr=3e-2,
-                                    kl_target=1.0)
+    recipe, recipe_dir = ppo_recipe(
+        tmp_path, tiny_model_dir, {"kind": "lora", "r": 8, "alpha": 16}, steps=3, lr=3e-2, kl_target=1.0
+    )
     result = run_recipe(recipe, recipe_dir)
     base = load_file(tiny_model_dir / "model.safetensors")
     policy = result.model
@@ -108,8 +136,9 @@ def test_ppo_resume_from_a_checkpoint_equals_the_uninterrupted_run(tmp_path, tin
     rows = resumed.run.read_metrics()
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     drop = ("tokens_per_s", "step_time_s")
-    assert [{k: v for k, v in r.items() if k not in drop} for r in rows] == \
-        [{k: v for k, v in r.items() if k not in drop} for r in uninterrupted]
+    assert [{k: v for k, v in r.items() if k not in drop} for r in rows] == [
+        {k: v for k, v in r.items() if k not in drop} for r in uninterrupted
+    ]
     again = load_file(resumed.run.path / "final" / "adapter_model.safetensors")
     assert all(torch.equal(final[k], again[k]) for k in final)
 
@@ -119,5 +148,6 @@ def test_fewer_prompts_than_one_ppo_batch_is_an_input_error(tmp_path, tiny_model
 
     ppo_recipe(tmp_path, tiny_model_dir, {"kind": "lora", "r": 4, "alpha": 8})  # 48 prompts
     assert main(["train", str(tmp_path / "ppo.yaml"), "train.batch_size=64"]) == 2
-    assert ("data.sources: 48 prompts, fewer than one PPO batch (64 x 1 process(es)); add prompts or lower "
-            "train.batch_size") in capsys.readouterr().err
+    assert (
+        "data.sources: 48 prompts, fewer than one PPO batch (64 x 1 process(es)); add prompts or lower train.batch_size"
+    ) in capsys.readouterr().err

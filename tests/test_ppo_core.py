@@ -5,9 +5,19 @@ import math
 import pytest
 import torch
 
-from llmtune.methods.trainers.ppo_core import (AdaptiveKLController, FixedKLController, entropy_of, explained_variance, gae,
-                                      logprobs_of, masked_whiten, per_token_rewards, policy_loss, score_with_penalties,
-                                      value_loss)
+from llmtune.methods.trainers.ppo_core import (
+    AdaptiveKLController,
+    FixedKLController,
+    entropy_of,
+    explained_variance,
+    gae,
+    logprobs_of,
+    masked_whiten,
+    per_token_rewards,
+    policy_loss,
+    score_with_penalties,
+    value_loss,
+)
 
 
 def t(*rows):
@@ -102,7 +112,7 @@ def test_whiten_over_ranks_uses_the_whole_batch():
 
     x, mask = t([1.0, 2.0, 3.0], [4.0, 9.0, 7.0]), t([1, 1, 1], [1, 1, 0])
     whole = masked_whiten(x, mask)  # over [1, 2, 3, 4, 9]: mean 3.8, unbiased variance 9.7
-    assert whole[1, 1].item() == pytest.approx((9 - 3.8) / 9.7 ** 0.5, abs=1e-6)
+    assert whole[1, 1].item() == pytest.approx((9 - 3.8) / 9.7**0.5, abs=1e-6)
     barrier, shared, out = threading.Barrier(2), [None, None], [None, None]
 
     def rank(r: int):
@@ -112,7 +122,8 @@ def test_whiten_over_ranks_uses_the_whole_batch():
             total = shared[0] + shared[1]
             barrier.wait()
             return total
-        out[r] = masked_whiten(x[r:r + 1], mask[r:r + 1], sum_over_ranks=sum_over_ranks)
+
+        out[r] = masked_whiten(x[r : r + 1], mask[r : r + 1], sum_over_ranks=sum_over_ranks)
 
     threads = [threading.Thread(target=rank, args=(r,)) for r in (0, 1)]
     [th.start() for th in threads]
@@ -138,8 +149,14 @@ def test_entropy_and_logprobs():
 
 def test_penalties_for_missing_eos_and_overlong_responses():
     # row 1 has no EOS: 1 - 2 = -1; row 2 is 2 tokens past overlong_after=8: 1 - 2 * 0.5 = 0
-    scores = score_with_penalties(t(1.0, 1.0, 1.0), torch.tensor([True, False, True]), torch.tensor([3, 5, 10]),
-                                  missing_eos_penalty=2.0, overlong_after=8, overlong_penalty=0.5)
+    scores = score_with_penalties(
+        t(1.0, 1.0, 1.0),
+        torch.tensor([True, False, True]),
+        torch.tensor([3, 5, 10]),
+        missing_eos_penalty=2.0,
+        overlong_after=8,
+        overlong_penalty=0.5,
+    )
     assert torch.allclose(scores, t(1.0, -1.0, 0.0))
 
 

@@ -3,7 +3,7 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
+from pydantic import ValidationError
 
 from llmtune.cli import main
 from llmtune.errors import UserError
@@ -63,8 +63,16 @@ def test_debug_flag_shows_traceback(tmp_path, capsys):
 
 def test_overrides_are_typed_by_the_schema(tmp_path):
     path = write(tmp_path, "data: {sources: [{path: a.jsonl}]}\n")
-    recipe, _ = load_recipe(path, ["train.max_steps=10", "train.learning_rate=1e-4", "model.name=1e-4",
-                                   "data.sources.0.max_samples=5", "adapter.target_modules=[q_proj,v_proj]"])
+    recipe, _ = load_recipe(
+        path,
+        [
+            "train.max_steps=10",
+            "train.learning_rate=1e-4",
+            "model.name=1e-4",
+            "data.sources.0.max_samples=5",
+            "adapter.target_modules=[q_proj,v_proj]",
+        ],
+    )
     assert recipe.train.max_steps == 10
     assert recipe.train.learning_rate == pytest.approx(1e-4)
     assert recipe.model.name == "1e-4"  # a string field keeps the text as written
@@ -102,7 +110,7 @@ def test_missing_file_and_bad_yaml(tmp_path):
 
 def test_recipe_is_frozen(tmp_path):
     recipe, _ = load_recipe(write(tmp_path, "data: {sources: [{path: a.jsonl}]}\n"))
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError):  # pydantic refuses assignment to a frozen model
         recipe.train.max_steps = 3
 
 
@@ -117,12 +125,13 @@ def test_readme_recipe_reference_matches_the_schema():
     readme = (ROOT / "README.md").read_text()
     start, end = "<!-- recipe-reference:start -->", "<!-- recipe-reference:end -->"
     assert readme.split(start)[1].split(end)[0].strip() == render_reference().strip(), (
-        "README recipe reference is stale: run python -m llmtune.recipe.reference --write README.md")
+        "README recipe reference is stale: run python -m llmtune.recipe.reference --write README.md"
+    )
 
 
 def test_every_field_has_a_doc():
-    from llmtune.recipe.schema import Recipe
     from llmtune.recipe.load import _model_in
+    from llmtune.recipe.schema import Recipe
 
     def walk(model, prefix):
         for name, field in model.model_fields.items():
@@ -160,8 +169,10 @@ def test_union_fields_report_one_clean_path(tmp_path):
 
 
 def test_cross_field_problems_are_reported_together(tmp_path):
-    text = ("data: {sources: [{path: a.jsonl}]}\neval: {exact_match: {}}\nlaunch: {num_processes: 2}\n"
-            "adapter: {kind: prefix}\ntrain: {gradient_checkpointing: true, optimizer: adamw_torh}\n")
+    text = (
+        "data: {sources: [{path: a.jsonl}]}\neval: {exact_match: {}}\nlaunch: {num_processes: 2}\n"
+        "adapter: {kind: prefix}\ntrain: {gradient_checkpointing: true, optimizer: adamw_torh}\n"
+    )
     with pytest.raises(UserError) as info:
         load_recipe(write(tmp_path, text))
     assert [p.split(":")[0] for p in info.value.problems] == ["train.optimizer"]
@@ -184,7 +195,9 @@ def test_resume_flag_does_not_swallow_overrides():
 
 
 def test_export_formats_are_checked_against_the_adapter_and_method(tmp_path):
-    path = write(tmp_path, "data: {sources: [{path: a.jsonl}]}\nadapter: {kind: prefix}\nexport: {formats: [merged, gguf-q8_0]}\n")
+    path = write(
+        tmp_path, "data: {sources: [{path: a.jsonl}]}\nadapter: {kind: prefix}\nexport: {formats: [merged, gguf-q8_0]}\n"
+    )
     with pytest.raises(UserError) as info:
         load_recipe(path)
     assert info.value.problems[0].startswith("export.formats: a prefix adapter cannot be merged")

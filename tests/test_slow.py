@@ -31,7 +31,9 @@ def test_quickstart_learns_the_task(tmp_path):
     assert (out / "final" / "adapter_model.safetensors").is_file()
     tasks = summary["eval"]["tasks"]  # the same figures in the task layout, with perplexity, for reports and gates
     assert tasks["after"]["heldout"]["metrics"]["exact_match"]["value"] == summary["eval"]["after"]["exact_match"]
-    assert tasks["after"]["heldout"]["metrics"]["perplexity"]["value"] < tasks["before"]["heldout"]["metrics"]["perplexity"]["value"]
+    assert (
+        tasks["after"]["heldout"]["metrics"]["perplexity"]["value"] < tasks["before"]["heldout"]["metrics"]["perplexity"]["value"]
+    )
     assert summary["gates"]["passed"] and summary["status"] == "completed"
     assert "| heldout | exact_match |" in (out / "eval" / "results.md").read_text()
     assert (out / "plots" / "eval_tasks.png").is_file() and (out / "eval" / "samples-after.jsonl").is_file()

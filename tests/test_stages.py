@@ -4,13 +4,13 @@ import json
 
 import pytest
 import yaml
-
 from conftest import greeting_rows, write_jsonl
+from test_align import preference_rows
+from test_ppo import prompt_rows
+
 from llmtune.errors import UserError
 from llmtune.pipeline import run_recipe
 from llmtune.recipe import load_recipe
-from test_align import preference_rows
-from test_ppo import prompt_rows
 
 
 def pipeline_recipe(tmp_path, tiny_model_dir, **extra):
@@ -26,12 +26,23 @@ def pipeline_recipe(tmp_path, tiny_model_dir, **extra):
         "train": {"output_dir": str(tmp_path / "run")} | small,
         "stages": [
             {"name": "sft"},
-            {"name": "reward", "from_stage": "sft", "method": {"kind": "reward"},
-             "data": {"sources": [{"path": str(pairs), "format": "preference"}], "max_length": 64}},
-            {"name": "ppo", "from_stage": "sft", "reward_from_stage": "reward",
-             "method": {"kind": "ppo", "ppo": {"max_new_tokens": 4, "mini_batch_size": 2, "ppo_epochs": 1}},
-             "data": {"sources": [{"path": str(prompts), "format": "prompt_only"}],
-                      "eval_sources": [{"path": str(held_out), "format": "prompt_only"}], "max_length": 64}},
+            {
+                "name": "reward",
+                "from_stage": "sft",
+                "method": {"kind": "reward"},
+                "data": {"sources": [{"path": str(pairs), "format": "preference"}], "max_length": 64},
+            },
+            {
+                "name": "ppo",
+                "from_stage": "sft",
+                "reward_from_stage": "reward",
+                "method": {"kind": "ppo", "ppo": {"max_new_tokens": 4, "mini_batch_size": 2, "ppo_epochs": 1}},
+                "data": {
+                    "sources": [{"path": str(prompts), "format": "prompt_only"}],
+                    "eval_sources": [{"path": str(held_out), "format": "prompt_only"}],
+                    "max_length": 64,
+                },
+            },
         ],
     } | extra
     path = tmp_path / "pipeline.yaml"
@@ -52,7 +63,9 @@ def test_pipeline_runs_each_stage_in_its_own_directory_and_resume_skips_complete
     ppo = yaml.safe_load((run / "ppo" / "recipe.resolved.yaml").read_text())
     assert ppo["model"]["name"] == str(run / "sft" / "final-merged")
     assert ppo["method"]["ppo"]["reward_model"] == str(run / "reward" / "final")
-    assert yaml.safe_load((run / "reward" / "recipe.resolved.yaml").read_text())["model"]["name"] == str(run / "sft" / "final-merged")
+    assert yaml.safe_load((run / "reward" / "recipe.resolved.yaml").read_text())["model"]["name"] == str(
+        run / "sft" / "final-merged"
+    )
     assert {"before", "after", "delta"} <= set(summary["eval"]["ppo"])  # plus the task layout ("tasks") for reports and gates
     assert summary["eval"]["ppo"]["before"]["n"] == 4
 
@@ -68,12 +81,21 @@ def test_pipeline_runs_each_stage_in_its_own_directory_and_resume_skips_complete
 
 
 def test_stage_mistakes_name_the_stage_and_key(tmp_path, tiny_model_dir):
-    path = pipeline_recipe(tmp_path, tiny_model_dir, stages=[
-        {"name": "a", "from_stage": "b"},
-        {"name": "b", "reward_from_stage": "a", "method": {"kind": "ppo"}, "data": {"sources": [{"path": "p.jsonl", "format": "prompt_only"}]}},
-        {"name": "c", "method": {"kind": "ppo"}},
-        {"name": "b"},
-    ])
+    path = pipeline_recipe(
+        tmp_path,
+        tiny_model_dir,
+        stages=[
+            {"name": "a", "from_stage": "b"},
+            {
+                "name": "b",
+                "reward_from_stage": "a",
+                "method": {"kind": "ppo"},
+                "data": {"sources": [{"path": "p.jsonl", "format": "prompt_only"}]},
+            },
+            {"name": "c", "method": {"kind": "ppo"}},
+            {"name": "b"},
+        ],
+    )
     with pytest.raises(UserError) as info:
         load_recipe(path)
     problems = info.value.problems

@@ -104,10 +104,10 @@ def test_existing_run_dir_is_not_overwritten(make_recipe):
 
 def test_cpu_loss_path_equals_trl_fused_loss(tiny_model_dir, tiny_tokenizer):
     """The CPU workaround in methods/sft.py must optimise exactly TRL's objective."""
+    from conftest import greeting_rows
     from transformers import AutoModelForCausalLM
     from trl.trainer.sft_trainer import add_fused_lm_head
 
-    from conftest import greeting_rows
     from llmtune.data.template import tokenize_example
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
@@ -145,8 +145,10 @@ def test_packed_padding_free_and_length_grouped_training(make_recipe, tmp_path, 
         packing = summary["data"]["packing"]
         assert packing["examples"] == 32 and packing["rows"] < 32  # 32 short rows fit in far fewer 64-token rows
     # The tokenizer in final/ carries the chat template training used.
-    assert json.loads((run.path / "final" / "tokenizer_config.json").read_text()).get("chat_template") or \
-        (run.path / "final" / "chat_template.jinja").is_file()
+    assert (
+        json.loads((run.path / "final" / "tokenizer_config.json").read_text()).get("chat_template")
+        or (run.path / "final" / "chat_template.jinja").is_file()
+    )
 
 
 def test_streaming_training_reads_rows_as_it_goes_and_reports_drops(make_recipe, tmp_path):
@@ -155,13 +157,17 @@ def test_streaming_training_reads_rows_as_it_goes_and_reports_drops(make_recipe,
     rows = greeting_rows(40)
     rows[3] = "{broken"
     stream = write_jsonl(tmp_path / "stream.jsonl", rows)
-    run = train(make_recipe(data={"sources": [{"path": str(stream)}], "streaming": True, "shuffle_buffer": 8}),
-                "train.max_steps=3")
+    run = train(
+        make_recipe(data={"sources": [{"path": str(stream)}], "streaming": True, "shuffle_buffer": 8}), "train.max_steps=3"
+    )
     summary = json.loads((run.path / "summary.json").read_text())
     assert summary["train"]["steps"] == 3 and summary["data"]["streaming"]
     assert summary["data"]["rows_streamed"] >= 12 and summary["data"]["dropped"]["not valid JSON"]["first"] == ["stream.jsonl:4"]
     from llmtune.errors import UserError
 
     with pytest.raises(UserError, match="stream.jsonl:4: not valid JSON"):
-        train(make_recipe(data={"sources": [{"path": str(stream)}], "streaming": True, "strict": True}),
-              "train.max_steps=3", f"train.output_dir={tmp_path / 'strict'}")
+        train(
+            make_recipe(data={"sources": [{"path": str(stream)}], "streaming": True, "strict": True}),
+            "train.max_steps=3",
+            f"train.output_dir={tmp_path / 'strict'}",
+        )

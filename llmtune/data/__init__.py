@@ -16,8 +16,7 @@ from typing import Any
 from llmtune.data.cache import TokenizedCache
 from llmtune.data.formats import KIND_OF_FORMAT, RowError, to_canonical
 from llmtune.data.sources import DropReport, read_source
-from llmtune.data.template import (count_preference_tokens, prompt_text, set_chat_template, tokenize_example,
-                                   tokenize_text)
+from llmtune.data.template import count_preference_tokens, prompt_text, set_chat_template, tokenize_example, tokenize_text
 from llmtune.errors import UserError
 from llmtune.recipe.schema import DataSection, DataSource
 
@@ -116,8 +115,14 @@ def _streamed(cfg: DataSection, base_dir: Path, tokenizer, seed: int, drops: Dro
     evaluation = _tokenize_lm([], held_out, tokenizer, cfg, drops)
     stats["eval_rows"] = evaluation.stats["eval_rows"]
     stats["dropped"] = drops.as_dict()
-    return PreparedData(train=train, eval_rows=evaluation.eval_rows, eval=evaluation.eval, stats=stats,
-                        fingerprints=fingerprints, kind=data_kind(cfg))
+    return PreparedData(
+        train=train,
+        eval_rows=evaluation.eval_rows,
+        eval=evaluation.eval,
+        stats=stats,
+        fingerprints=fingerprints,
+        kind=data_kind(cfg),
+    )
 
 
 def data_kind(cfg: DataSection) -> str:
@@ -127,8 +132,9 @@ def data_kind(cfg: DataSection) -> str:
     return "chat" if kinds == {"chat", "text"} else kinds.pop()
 
 
-def _read(source: DataSource, base_dir: Path, cfg: DataSection, seed: int, drops: DropReport,
-          fingerprints: dict) -> list[tuple[str, dict]]:
+def _read(
+    source: DataSource, base_dir: Path, cfg: DataSection, seed: int, drops: DropReport, fingerprints: dict
+) -> list[tuple[str, dict]]:
     """One source's canonical examples, seeded-shuffled and cut to max_samples."""
     raw_rows, fingerprint = read_source(source, base_dir)
     fingerprints[source.path or source.hub] = fingerprint
@@ -146,7 +152,9 @@ def _mix(per_source: list[list], cfg: DataSection, seed: int) -> tuple[list, dic
     """All rows of every source, or rows drawn in the sources' weight proportions; and the counts."""
     names = [s.path or s.hub for s in cfg.sources]
     if cfg.sources[0].weight is None:
-        return [r for rows in per_source for r in rows], {n: {"available": len(r), "drawn": len(r)} for n, r in zip(names, per_source)}
+        return [r for rows in per_source for r in rows], {
+            n: {"available": len(r), "drawn": len(r)} for n, r in zip(names, per_source)
+        }
     weights = [s.weight / sum(s.weight for s in cfg.sources) for s in cfg.sources]
     available = [len(rows) for rows in per_source]
     if any(n == 0 for n in available):
@@ -197,6 +205,7 @@ def _dedup(rows: list, cfg: DataSection, drops: DropReport, reason: str, seen: s
 
 # --- tokenization, one function per kind of example -------------------------------------------
 
+
 def _tokenize_lm(train_rows: list, eval_rows: list, tokenizer, cfg: DataSection, drops: DropReport) -> PreparedData:
     """Chat and text rows -> input_ids + labels; held-out chat rows stay conversations for generation."""
     import datasets
@@ -221,8 +230,12 @@ def _tokenize_lm(train_rows: list, eval_rows: list, tokenizer, cfg: DataSection,
         "max_length": max(lengths, default=0),
         "loss_tokens": sum(sum(1 for t in labels if t != -100) for labels in train["labels"]),
     }
-    return PreparedData(train=datasets.Dataset.from_dict(train), eval_rows=eval_kept,
-                        eval=datasets.Dataset.from_dict(eval_tokens) if eval_tokens["input_ids"] else None, stats=stats)
+    return PreparedData(
+        train=datasets.Dataset.from_dict(train),
+        eval_rows=eval_kept,
+        eval=datasets.Dataset.from_dict(eval_tokens) if eval_tokens["input_ids"] else None,
+        stats=stats,
+    )
 
 
 def _lm_pieces(example: dict, tokenizer, cfg: DataSection, drops: DropReport, where: str) -> list[tuple[list, list]]:
@@ -251,8 +264,7 @@ def _held_out_ends_on_answer(rows: list, cfg: DataSection, drops: DropReport) ->
     return kept
 
 
-def _tokenize_classification(train_rows: list, eval_rows: list, tokenizer, cfg: DataSection,
-                             drops: DropReport) -> PreparedData:
+def _tokenize_classification(train_rows: list, eval_rows: list, tokenizer, cfg: DataSection, drops: DropReport) -> PreparedData:
     import datasets
 
     label_names = sorted({example["label"] for _, example in train_rows})
@@ -277,12 +289,20 @@ def _tokenize_classification(train_rows: list, eval_rows: list, tokenizer, cfg: 
     train, _ = tokenize(train_rows)
     evaluation, eval_kept = tokenize(eval_rows)
     lengths = [len(ids) for ids in train["input_ids"]]
-    stats = {"train_rows": len(lengths), "eval_rows": len(eval_kept), "train_tokens": sum(lengths),
-             "max_length": max(lengths, default=0),
-             "labels": {name: train["labels"].count(i) for i, name in enumerate(label_names)}}
-    return PreparedData(train=datasets.Dataset.from_dict(train), eval_rows=eval_kept,
-                        eval=datasets.Dataset.from_dict(evaluation) if eval_kept else None,
-                        label_names=label_names, stats=stats)
+    stats = {
+        "train_rows": len(lengths),
+        "eval_rows": len(eval_kept),
+        "train_tokens": sum(lengths),
+        "max_length": max(lengths, default=0),
+        "labels": {name: train["labels"].count(i) for i, name in enumerate(label_names)},
+    }
+    return PreparedData(
+        train=datasets.Dataset.from_dict(train),
+        eval_rows=eval_kept,
+        eval=datasets.Dataset.from_dict(evaluation) if eval_kept else None,
+        label_names=label_names,
+        stats=stats,
+    )
 
 
 def _conversational(train_rows: list, eval_rows: list, tokenizer, cfg: DataSection, drops: DropReport) -> PreparedData:
@@ -297,7 +317,11 @@ def _conversational(train_rows: list, eval_rows: list, tokenizer, cfg: DataSecti
                 if "chosen" in example:
                     n = count_preference_tokens(example, tokenizer, cfg.chat_template)
                 else:
-                    n = len(tokenizer(prompt_text(example["prompt"], tokenizer, cfg.chat_template), add_special_tokens=False)["input_ids"])
+                    n = len(
+                        tokenizer(prompt_text(example["prompt"], tokenizer, cfg.chat_template), add_special_tokens=False)[
+                            "input_ids"
+                        ]
+                    )
             except RowError as exc:
                 _drop(drops, cfg, str(exc), where)
                 continue
@@ -308,14 +332,27 @@ def _conversational(train_rows: list, eval_rows: list, tokenizer, cfg: DataSecti
 
     train, lengths = kept(train_rows)
     evaluation, _ = kept(eval_rows)
-    stats = {"train_rows": len(train), "eval_rows": len(evaluation), "train_tokens": sum(lengths),
-             "max_length": max(lengths, default=0)}
-    return PreparedData(train=datasets.Dataset.from_list(train), eval_rows=evaluation,
-                        eval=datasets.Dataset.from_list(evaluation) if evaluation else None, stats=stats)
+    stats = {
+        "train_rows": len(train),
+        "eval_rows": len(evaluation),
+        "train_tokens": sum(lengths),
+        "max_length": max(lengths, default=0),
+    }
+    return PreparedData(
+        train=datasets.Dataset.from_list(train),
+        eval_rows=evaluation,
+        eval=datasets.Dataset.from_list(evaluation) if evaluation else None,
+        stats=stats,
+    )
 
 
-TOKENIZERS = {"chat": _tokenize_lm, "text": _tokenize_lm, "classification": _tokenize_classification,
-              "preference": _conversational, "prompt": _conversational}
+TOKENIZERS = {
+    "chat": _tokenize_lm,
+    "text": _tokenize_lm,
+    "classification": _tokenize_classification,
+    "preference": _conversational,
+    "prompt": _conversational,
+}
 
 
 def pack(train, max_length: int):
@@ -341,7 +378,9 @@ def _fits(n_tokens: int, cfg: DataSection, drops: DropReport, where: str) -> boo
 
 def _drop(drops: DropReport, cfg: DataSection, reason: str, where: str) -> None:
     if cfg.strict:
-        raise UserError(f"data: {where}: {reason} (data.strict is on; fix the row or set data.strict: false to drop and report it)")
+        raise UserError(
+            f"data: {where}: {reason} (data.strict is on; fix the row or set data.strict: false to drop and report it)"
+        )
     drops.add(reason, where)
 
 

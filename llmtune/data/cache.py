@@ -49,8 +49,11 @@ class TokenizedCache:
         return PreparedData(
             train=datasets.load_from_disk(str(self.path / "train")),
             eval=datasets.load_from_disk(str(self.path / "eval")) if (self.path / "eval").is_dir() else None,
-            eval_rows=eval_rows, label_names=meta["label_names"], fingerprints=meta["fingerprints"],
-            stats=meta["stats"] | {"cached": str(self.path)}, kind=meta["kind"],
+            eval_rows=eval_rows,
+            label_names=meta["label_names"],
+            fingerprints=meta["fingerprints"],
+            stats=meta["stats"] | {"cached": str(self.path)},
+            kind=meta["kind"],
         )
 
     def save(self, data) -> None:
@@ -60,8 +63,13 @@ class TokenizedCache:
             data.train.save_to_disk(str(tmp / "train"))
             if data.eval is not None:
                 data.eval.save_to_disk(str(tmp / "eval"))
-            meta = {"kind": data.kind, "eval_rows": data.eval_rows, "label_names": data.label_names,
-                    "fingerprints": data.fingerprints, "stats": data.stats}
+            meta = {
+                "kind": data.kind,
+                "eval_rows": data.eval_rows,
+                "label_names": data.label_names,
+                "fingerprints": data.fingerprints,
+                "stats": data.stats,
+            }
             (tmp / "meta.json").write_text(json.dumps(meta))
             if self.path.exists():  # another run wrote the same entry meanwhile
                 shutil.rmtree(tmp)
@@ -74,7 +82,9 @@ class TokenizedCache:
 def tokenizer_fingerprint(tokenizer) -> str:
     digest = hashlib.sha256(type(tokenizer).__name__.encode())
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    digest.update(backend.to_str().encode() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True).encode())
+    digest.update(
+        backend.to_str().encode() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True).encode()
+    )
     digest.update(json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str).encode())
     digest.update((tokenizer.chat_template or "").encode())
     digest.update(str(tokenizer.padding_side).encode())

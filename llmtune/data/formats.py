@@ -18,8 +18,17 @@ from llmtune.recipe.schema import DataSource
 
 ROLES = ("system", "user", "assistant")
 # ShareGPT speaker names seen in the wild, mapped to chat roles.
-SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-                  "chatgpt": "assistant", "bard": "assistant", "bing": "assistant", "model": "assistant"}
+SHAREGPT_ROLES = {
+    "system": "system",
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "chatgpt": "assistant",
+    "bard": "assistant",
+    "bing": "assistant",
+    "model": "assistant",
+}
 HH_HUMAN, HH_ASSISTANT = "\n\nHuman:", "\n\nAssistant:"
 
 
@@ -101,8 +110,11 @@ def _preference_row(row: dict) -> dict:
         raise RowError("the prompt does not end with a user turn")
     if chosen == rejected:
         raise RowError("'chosen' and 'rejected' are identical")
-    return {"prompt": prompt, "chosen": [{"role": "assistant", "content": chosen}],
-            "rejected": [{"role": "assistant", "content": rejected}]}
+    return {
+        "prompt": prompt,
+        "chosen": [{"role": "assistant", "content": chosen}],
+        "rejected": [{"role": "assistant", "content": rejected}],
+    }
 
 
 def _prompt_only_row(row: dict) -> dict:
@@ -130,16 +142,30 @@ def _classification_row(row: dict) -> dict:
 
 
 FORMATS = {
-    "messages": _messages_row, "sharegpt": _sharegpt_row, "alpaca": _alpaca_row,
-    "prompt_completion": _prompt_completion_row, "text": _text_row, "preference": _preference_row,
-    "prompt_only": _prompt_only_row, "classification": _classification_row,
+    "messages": _messages_row,
+    "sharegpt": _sharegpt_row,
+    "alpaca": _alpaca_row,
+    "prompt_completion": _prompt_completion_row,
+    "text": _text_row,
+    "preference": _preference_row,
+    "prompt_only": _prompt_only_row,
+    "classification": _classification_row,
 }
 # What each format becomes, so later steps know how to render it.
-KIND_OF_FORMAT = {"messages": "chat", "sharegpt": "chat", "alpaca": "chat", "prompt_completion": "chat", "text": "text",
-                  "preference": "preference", "prompt_only": "prompt", "classification": "classification"}
+KIND_OF_FORMAT = {
+    "messages": "chat",
+    "sharegpt": "chat",
+    "alpaca": "chat",
+    "prompt_completion": "chat",
+    "text": "text",
+    "preference": "preference",
+    "prompt_only": "prompt",
+    "classification": "classification",
+}
 
 
 # --- pieces shared by the formats -------------------------------------------------------------
+
 
 def _text(row: dict, name: str) -> str:
     value = row.get(name)
@@ -256,6 +282,6 @@ def _parse_hh(transcript: str, name: str) -> tuple[list[dict], str]:
         if role is None:
             raise RowError(f"'{name}' transcript does not start with '\\n\\nHuman:'")
         marker = HH_HUMAN if role == "user" else HH_ASSISTANT
-        messages.append({"role": role, "content": piece[len(marker):].strip()})
+        messages.append({"role": role, "content": piece[len(marker) :].strip()})
         rest = rest[end:]
-    return messages, _answer(transcript[cut + len(HH_ASSISTANT):].strip(), name)
+    return messages, _answer(transcript[cut + len(HH_ASSISTANT) :].strip(), name)

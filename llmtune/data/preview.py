@@ -18,9 +18,13 @@ def preview(data: PreparedData, tokenizer, n: int, max_length: int) -> dict:
     examples = []
     for row in data.train.select(range(min(n, len(data.train)))):
         if "input_ids" in row and data.kind != "classification":
-            examples.append({"segments": loss_segments(row["input_ids"], row["labels"], tokenizer),
-                             "tokens": len(row["input_ids"]),
-                             "loss_tokens": sum(label != IGNORE_INDEX for label in row["labels"])})
+            examples.append(
+                {
+                    "segments": loss_segments(row["input_ids"], row["labels"], tokenizer),
+                    "tokens": len(row["input_ids"]),
+                    "loss_tokens": sum(label != IGNORE_INDEX for label in row["labels"]),
+                }
+            )
         elif data.kind == "classification":
             examples.append({"text": tokenizer.decode(row["input_ids"]), "label": data.label_names[row["labels"]]})
         else:  # preference / prompt-only rows, rendered as the trainer's prompt plus each answer
@@ -30,8 +34,7 @@ def preview(data: PreparedData, tokenizer, n: int, max_length: int) -> dict:
                     rendered[answer] = row[answer][-1]["content"]
             examples.append(rendered)
     lengths = _lengths(data)
-    return {"kind": data.kind, "stats": data.stats, "examples": examples,
-            "length_histogram": histogram(lengths, max_length)}
+    return {"kind": data.kind, "stats": data.stats, "examples": examples, "length_histogram": histogram(lengths, max_length)}
 
 
 def loss_segments(input_ids: list[int], labels: list[int], tokenizer) -> list[dict]:

@@ -11,9 +11,10 @@ import glob
 import hashlib
 import json
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from llmtune.data.formats import RowError
 from llmtune.errors import UserError
@@ -43,9 +44,9 @@ class DropReport:
         return {reason: {"rows": n, "first": self.examples[reason]} for reason, n in self.counts.items()}
 
 
-
-def read_source(source: DataSource, base_dir: Path, streaming: bool = False,
-                fingerprint: bool = True) -> tuple[Iterator[tuple[str, Any]], str | None]:
+def read_source(
+    source: DataSource, base_dir: Path, streaming: bool = False, fingerprint: bool = True
+) -> tuple[Iterator[tuple[str, Any]], str | None]:
     """Raw rows of one source as (`where`, row) pairs, and the source's content fingerprint
     (None when not asked for: hashing reads every byte of the files once more).
 
@@ -99,8 +100,9 @@ def _read_json(f: Path) -> Iterator[tuple[str, Any]]:
     try:
         rows = json.loads(f.read_bytes().decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UserError(f"data: {f}: not valid UTF-8 JSON ({exc}); a .json source is one list of rows "
-                        "(use .jsonl for one row per line)") from None
+        raise UserError(
+            f"data: {f}: not valid UTF-8 JSON ({exc}); a .json source is one list of rows (use .jsonl for one row per line)"
+        ) from None
     if not isinstance(rows, list):
         raise UserError(f"data: {f}: a .json source must hold a list of rows")
     for i, row in enumerate(rows, start=1):

@@ -54,14 +54,18 @@ def set_chat_template(tokenizer, chat_template: str, base_dir: Path) -> None:
         vocab = tokenizer.get_vocab()
         missing = [m for m in markers if m not in vocab]
         if missing:
-            raise UserError(f"data.chat_template: {chat_template} needs the special tokens {', '.join(missing)}, "
-                            "which this tokenizer lacks; use the model's own template or another one")
+            raise UserError(
+                f"data.chat_template: {chat_template} needs the special tokens {', '.join(missing)}, "
+                "which this tokenizer lacks; use the model's own template or another one"
+            )
     else:
         path = Path(chat_template).expanduser()
         path = path if path.is_absolute() else base_dir / path
         if not path.is_file():
-            raise UserError(f"data.chat_template: {chat_template!r} is neither model, none, a named template "
-                            f"({', '.join(NAMED_TEMPLATES)}) nor an existing .jinja file")
+            raise UserError(
+                f"data.chat_template: {chat_template!r} is neither model, none, a named template "
+                f"({', '.join(NAMED_TEMPLATES)}) nor an existing .jinja file"
+            )
         template = path.read_text()
     tokenizer.chat_template = template
 
@@ -110,12 +114,14 @@ def _segments(messages: list[dict], tokenizer, chat_template: str) -> list[tuple
                 "data.chat_template: this template does not render conversations incrementally "
                 "(earlier text changes when a turn is added), so loss masks cannot be placed safely"
             )
-        segments += [(prompt[len(done):], False), (full[len(prompt):], True)]
+        segments += [(prompt[len(done) :], False), (full[len(prompt) :], True)]
         done = full
     return segments
 
 
-def tokenize_example(messages: list[dict], tokenizer, chat_template: str, loss_on: str = "assistant") -> tuple[list[int], list[int]]:
+def tokenize_example(
+    messages: list[dict], tokenizer, chat_template: str, loss_on: str = "assistant"
+) -> tuple[list[int], list[int]]:
     """(input_ids, labels) with labels = IGNORE_INDEX on tokens that carry no loss."""
     input_ids: list[int] = []
     labels: list[int] = []
@@ -132,7 +138,7 @@ def tokenize_text(text: str, tokenizer, max_length: int) -> list[list[int]]:
     """Plain text for continued pre-training: BOS (if the tokenizer adds one) + text + EOS, every
     token carrying loss, cut into max_length pieces rather than dropped (documents are often long)."""
     ids = tokenizer(text)["input_ids"] + [tokenizer.eos_token_id]
-    return [ids[i:i + max_length] for i in range(0, len(ids), max_length)]
+    return [ids[i : i + max_length] for i in range(0, len(ids), max_length)]
 
 
 def count_preference_tokens(example: dict, tokenizer, chat_template: str) -> int:

@@ -9,8 +9,9 @@ import torch
 
 
 @torch.no_grad()
-def classification_metrics(model, tokenizer, dataset, label_names: list[str], batch_size: int,
-                           predictions_path: Path | None = None) -> dict[str, float]:
+def classification_metrics(
+    model, tokenizer, dataset, label_names: list[str], batch_size: int, predictions_path: Path | None = None
+) -> dict[str, float]:
     from sklearn.metrics import accuracy_score, f1_score
     from transformers import DataCollatorWithPadding
 
@@ -28,8 +29,11 @@ def classification_metrics(model, tokenizer, dataset, label_names: list[str], ba
     gold = list(dataset["labels"])
     if predictions_path is not None:
         predictions_path.parent.mkdir(parents=True, exist_ok=True)
-        predictions_path.write_text("".join(json.dumps({"gold": label_names[g], "predicted": label_names[p]}) + "\n"
-                                            for g, p in zip(gold, predicted)))
-    return {"accuracy": accuracy_score(gold, predicted),
-            "macro_f1": f1_score(gold, predicted, average="macro", labels=list(range(len(label_names))), zero_division=0),
-            "n": len(gold)}
+        predictions_path.write_text(
+            "".join(json.dumps({"gold": label_names[g], "predicted": label_names[p]}) + "\n" for g, p in zip(gold, predicted))
+        )
+    return {
+        "accuracy": accuracy_score(gold, predicted),
+        "macro_f1": f1_score(gold, predicted, average="macro", labels=list(range(len(label_names))), zero_division=0),
+        "n": len(gold),
+    }

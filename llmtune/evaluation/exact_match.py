@@ -12,8 +12,15 @@ from llmtune.recipe.schema import ExactMatchSection
 
 
 @torch.no_grad()
-def exact_match(model, tokenizer, conversations: list[list[dict]], cfg: ExactMatchSection, chat_template: str,
-                generations_path: Path | None = None, desc: str = "exact match") -> dict[str, float]:
+def exact_match(
+    model,
+    tokenizer,
+    conversations: list[list[dict]],
+    cfg: ExactMatchSection,
+    chat_template: str,
+    generations_path: Path | None = None,
+    desc: str = "exact match",
+) -> dict[str, float]:
     """Share of held-out rows whose generated answer equals the reference (whitespace-stripped)."""
     from tqdm.auto import tqdm
 
@@ -27,15 +34,27 @@ def exact_match(model, tokenizer, conversations: list[list[dict]], cfg: ExactMat
         for start in tqdm(range(0, len(rows), cfg.batch_size), desc=desc, unit="batch", leave=False):
             batch = rows[start : start + cfg.batch_size]
             prompts = [prompt_text(m[:-1], tokenizer, chat_template) for m in batch]
-            inputs = tokenizer(prompts, return_tensors="pt", padding=True,
-                               add_special_tokens=prompt_adds_special_tokens(chat_template)).to(model.device)
-            out = model.generate(**inputs, max_new_tokens=cfg.max_new_tokens, do_sample=False,
-                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=_stop_ids(model, tokenizer))
-            answers = tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+            inputs = tokenizer(
+                prompts, return_tensors="pt", padding=True, add_special_tokens=prompt_adds_special_tokens(chat_template)
+            ).to(model.device)
+            out = model.generate(
+                **inputs,
+                max_new_tokens=cfg.max_new_tokens,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=_stop_ids(model, tokenizer),
+            )
+            answers = tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
             for messages, answer in zip(batch, answers):
                 reference = messages[-1]["content"]
-                records.append({"prompt": messages[-2]["content"], "reference": reference, "output": answer,
-                                "match": answer.strip() == reference.strip()})
+                records.append(
+                    {
+                        "prompt": messages[-2]["content"],
+                        "reference": reference,
+                        "output": answer,
+                        "match": answer.strip() == reference.strip(),
+                    }
+                )
     finally:
         tokenizer.padding_side = padding_side
         model.train(was_training)

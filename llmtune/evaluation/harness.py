@@ -28,10 +28,21 @@ from llmtune.evaluation.suites import TASKS_DIR, Suite, SuiteTask
 CPU_BATCH_SIZE = 8
 
 
-def evaluate_suites(model, tokenizer, suites: list[tuple[Suite, Path]], *, limit: int | None = None,
-                    include_paths: list[Path] = (), batch_size: int | str = "auto",
-                    output_dir: Path | None = None, tag: str = "", task_manager=None) -> dict[str, dict]:
-    """Run every task of every suite through lm_eval; returns {task: {n, num_fewshot, metrics: {metric: {value, stderr, higher_is_better}}}}.
+def evaluate_suites(
+    model,
+    tokenizer,
+    suites: list[tuple[Suite, Path]],
+    *,
+    limit: int | None = None,
+    include_paths: list[Path] = (),
+    batch_size: int | str = "auto",
+    output_dir: Path | None = None,
+    tag: str = "",
+    task_manager=None,
+) -> dict[str, dict]:
+    """Run every task of every suite through lm_eval.
+
+    Returns {task: {n, num_fewshot, metrics: {metric: {value, stderr, higher_is_better}}}}.
 
     `limit` caps every task's own limit. Raw lm_eval results and per-row samples go to `output_dir` when given.
     """
@@ -48,8 +59,9 @@ def evaluate_suites(model, tokenizer, suites: list[tuple[Suite, Path]], *, limit
             for (num_fewshot, task_limit), tasks in _groups(suite, limit):
                 specs = [_task_spec(task_manager, t, base_dir) for t in tasks]
                 with _quiet_lm_eval(), _rng_preserved():
-                    raw = _simple_evaluate(lm_eval, lm, specs, tasks, task_manager, num_fewshot, task_limit,
-                                           suite.apply_chat_template)
+                    raw = _simple_evaluate(
+                        lm_eval, lm, specs, tasks, task_manager, num_fewshot, task_limit, suite.apply_chat_template
+                    )
                 for task in tasks:
                     results[task.task] = _task_result(raw, task)
                 if output_dir is not None:
@@ -101,13 +113,17 @@ def _task_spec(task_manager, task: SuiteTask, base_dir: Path) -> str | dict:
     entry = task_manager.task_index.get(task.task)
     if entry is None:
         close = difflib.get_close_matches(task.task, task_manager.all_tasks, n=3)
-        raise UserError(f"task {task.task!r}: lm_eval knows no such task"
-                        + (f"; did you mean {', '.join(close)}?" if close else "")
-                        + " (task YAML files of your own: --include-path DIR, or a suite's data_files)")
+        raise UserError(
+            f"task {task.task!r}: lm_eval knows no such task"
+            + (f"; did you mean {', '.join(close)}?" if close else "")
+            + " (task YAML files of your own: --include-path DIR, or a suite's data_files)"
+        )
     if entry.yaml_path is None or entry.kind.name not in ("TASK", "PY_TASK"):
         if task.data_files:
-            raise UserError(f"task {task.task}: data_files applies to a single YAML task, not a group or tag; "
-                            "list the group's tasks one by one with their own data_files")
+            raise UserError(
+                f"task {task.task}: data_files applies to a single YAML task, not a group or tag; "
+                "list the group's tasks one by one with their own data_files"
+            )
         return task.task
     config = load_yaml(entry.yaml_path, resolve_func=True)
     yaml_dir = Path(entry.yaml_path).parent
@@ -126,8 +142,11 @@ def _task_spec(task_manager, task: SuiteTask, base_dir: Path) -> str | dict:
     data_files = (config.get("dataset_kwargs") or {}).get("data_files")
     if config.get("dataset_path") in ("json", "csv", "parquet", "text") and data_files:
         # lm_eval reads relative data files from the working directory; llmtune from the task file's folder.
-        resolved = {k: str(_resolve(v, yaml_dir)) for k, v in data_files.items()} if isinstance(data_files, dict) \
+        resolved = (
+            {k: str(_resolve(v, yaml_dir)) for k, v in data_files.items()}
+            if isinstance(data_files, dict)
             else str(_resolve(data_files, yaml_dir))
+        )
         config["dataset_kwargs"] = {**config["dataset_kwargs"], "data_files": resolved}
         return config
     return task.task
@@ -142,12 +161,22 @@ def _resolve(path: str, base_dir: Path) -> Path:
 
 def _simple_evaluate(lm_eval, lm, specs, tasks: list[SuiteTask], task_manager, num_fewshot, limit, chat: bool) -> dict:
     try:
-        raw = lm_eval.simple_evaluate(model=lm, tasks=specs, task_manager=task_manager, num_fewshot=num_fewshot,
-                                      limit=limit, log_samples=True, apply_chat_template=chat, bootstrap_iters=1000)
+        raw = lm_eval.simple_evaluate(
+            model=lm,
+            tasks=specs,
+            task_manager=task_manager,
+            num_fewshot=num_fewshot,
+            limit=limit,
+            log_samples=True,
+            apply_chat_template=chat,
+            bootstrap_iters=1000,
+        )
     except Exception as exc:
         if _is_hub_unreachable(exc):
             names = ", ".join(t.task for t in tasks)
-            raise UserError(_hub_message(names, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")) from None
+            raise UserError(
+                _hub_message(names, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+            ) from None
         raise
     if raw is None:
         raise RuntimeError("lm_eval returned no results (a non-zero rank of a distributed run?)")
@@ -168,7 +197,11 @@ def _check_hub_reachable(task_manager, specs: list, tasks: list[SuiteTask]) -> N
             path = spec.get("dataset_path")
         else:
             entry = task_manager.task_index[task.task]
-            path = load_yaml(entry.yaml_path, resolve_func=False).get("dataset_path") if entry.yaml_path and entry.kind.name == "TASK" else None
+            path = (
+                load_yaml(entry.yaml_path, resolve_func=False).get("dataset_path")
+                if entry.yaml_path and entry.kind.name == "TASK"
+                else None
+            )
             path = path or task.task  # a group or tag: its tasks' data sets are not known here, so probe anyway
         if path not in LOCAL_BUILDERS and not Path(path).expanduser().exists() and not _in_hf_cache(path):
             needs.append(task.task)
@@ -182,7 +215,9 @@ def _in_hf_cache(dataset_path: str) -> bool:
     home = Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface"))
     datasets_cache = Path(os.environ.get("HF_DATASETS_CACHE", home / "datasets"))
     hub_cache = Path(os.environ.get("HF_HUB_CACHE", home / "hub"))
-    return (datasets_cache / dataset_path.replace("/", "___")).is_dir() or (hub_cache / f"datasets--{dataset_path.replace('/', '--')}").is_dir()
+    return (datasets_cache / dataset_path.replace("/", "___")).is_dir() or (
+        hub_cache / f"datasets--{dataset_path.replace('/', '--')}"
+    ).is_dir()
 
 
 def _hub_reachable(timeout_s: float = 3.0) -> bool:
@@ -201,10 +236,12 @@ def _hub_reachable(timeout_s: float = 3.0) -> bool:
 
 
 def _hub_message(names: str, why: str) -> str:
-    return (f"task {names}: its data set comes from the Hugging Face hub, which cannot be reached from here ({why})\n"
-            "  Run where the hub is reachable (or with the data set in the local HF cache), or point the task "
-            "at local files: `data_files: {test: FILE.jsonl}` in a suite, or a task YAML with `dataset_path: json` "
-            "given through --include-path (see eval/README.md).")
+    return (
+        f"task {names}: its data set comes from the Hugging Face hub, which cannot be reached from here ({why})\n"
+        "  Run where the hub is reachable (or with the data set in the local HF cache), or point the task "
+        "at local files: `data_files: {test: FILE.jsonl}` in a suite, or a task YAML with `dataset_path: json` "
+        "given through --include-path (see eval/README.md)."
+    )
 
 
 def _is_hub_unreachable(exc: BaseException) -> bool:
@@ -214,8 +251,16 @@ def _is_hub_unreachable(exc: BaseException) -> bool:
         seen.add(id(exc))
         names = {c.__name__ for c in type(exc).__mro__}
         text = str(exc).lower()
-        if names & {"ConnectionError", "OfflineModeIsEnabled", "LocalEntryNotFoundError", "DatasetNotFoundError",
-                    "HfHubHTTPError", "Timeout", "ConnectTimeout", "ProxyError"}:
+        if names & {
+            "ConnectionError",
+            "OfflineModeIsEnabled",
+            "LocalEntryNotFoundError",
+            "DatasetNotFoundError",
+            "HfHubHTTPError",
+            "Timeout",
+            "ConnectTimeout",
+            "ProxyError",
+        }:
             return True
         if any(s in text for s in ("offline mode", "couldn't reach", "connection", "hf_datasets_offline", "network")):
             return True
@@ -239,13 +284,18 @@ def _task_result(raw: dict, task: SuiteTask) -> dict:
         if not isinstance(value, (int, float)):
             continue
         stderr = row.get(f"{metric}_stderr,{filt}")
-        metrics[name] = {"value": float(value), "stderr": float(stderr) if isinstance(stderr, (int, float)) else None,
-                         "higher_is_better": higher.get(metric, True)}
+        metrics[name] = {
+            "value": float(value),
+            "stderr": float(stderr) if isinstance(stderr, (int, float)) else None,
+            "higher_is_better": higher.get(metric, True),
+        }
     if task.metrics:
         missing = [m for m in task.metrics if m not in {k.split(",")[0] for k in metrics} | set(metrics)]
         if missing:
-            raise UserError(f"task {task.task}: metrics {missing} are not reported by lm_eval for it; it reports "
-                            f"{sorted({k.split(',')[0] for k in row if ',' in k and '_stderr' not in k})}")
+            raise UserError(
+                f"task {task.task}: metrics {missing} are not reported by lm_eval for it; it reports "
+                f"{sorted({k.split(',')[0] for k in row if ',' in k and '_stderr' not in k})}"
+            )
     n_samples = raw.get("n-samples", {})
     if task.task in n_samples:
         n = n_samples[task.task]["effective"]
@@ -263,8 +313,22 @@ def _write_raw(raw: dict, output_dir: Path, tag: str) -> None:
         with (output_dir / f"samples-{task}{suffix}.jsonl").open("w") as f:
             for row in rows:
                 f.write(json.dumps(row, default=handle_non_serializable) + "\n")
-    kept = {k: raw[k] for k in ("results", "groups", "group_subtasks", "configs", "versions", "n-shot", "higher_is_better",
-                                "n-samples", "lm_eval_version", "transformers_version") if k in raw}
+    kept = {
+        k: raw[k]
+        for k in (
+            "results",
+            "groups",
+            "group_subtasks",
+            "configs",
+            "versions",
+            "n-shot",
+            "higher_is_better",
+            "n-samples",
+            "lm_eval_version",
+            "transformers_version",
+        )
+        if k in raw
+    }
     path = output_dir / f"lm_eval{suffix}.json"
     previous = json.loads(path.read_text()) if path.is_file() else {}
     for key, value in kept.items():  # several simple_evaluate calls (one per few-shot setting) share one file
@@ -279,8 +343,12 @@ def _rng_preserved():
     or without a `before` evaluation."""
     import numpy as np
 
-    state = (random.getstate(), np.random.get_state(), torch.get_rng_state(),
-             torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+    state = (
+        random.getstate(),
+        np.random.get_state(),
+        torch.get_rng_state(),
+        torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    )
     try:
         yield
     finally:

@@ -35,8 +35,9 @@ def perplexity(model, examples: list[tuple[list[int], list[int]]], batch_size: i
             attention = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in batch], device=model.device)
             logits = model(input_ids=input_ids, attention_mask=attention).logits[:, :-1].float()
             targets = labels[:, 1:]
-            nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1),
-                                                    ignore_index=IGNORE_INDEX, reduction="sum")
+            nll = torch.nn.functional.cross_entropy(
+                logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+            )
             total_nll += nll.item()
             total_tokens += int((targets != IGNORE_INDEX).sum())
     finally:
@@ -68,13 +69,13 @@ def pairwise_accuracy(model, tokenizer, pairs: list[tuple[str, str]], batch_size
         tokenizer.padding_side = padding_side
         model.train(was_training)
     n = len(margins)
-    return {"pairwise_accuracy": sum(m > 0 for m in margins) / max(1, n),
-            "mean_margin": sum(margins) / max(1, n), "n": n}
+    return {"pairwise_accuracy": sum(m > 0 for m in margins) / max(1, n), "mean_margin": sum(margins) / max(1, n), "n": n}
 
 
 @torch.no_grad()
-def sample_generations(model, tokenizer, prompts: list[str], chat_template: str, path: Path,
-                       max_new_tokens: int = 128) -> list[dict]:
+def sample_generations(
+    model, tokenizer, prompts: list[str], chat_template: str, path: Path, max_new_tokens: int = 128
+) -> list[dict]:
     """Greedy answers to a few prompts, written as JSONL so a person can read what the model says."""
     was_training = model.training
     model.eval()
@@ -82,9 +83,13 @@ def sample_generations(model, tokenizer, prompts: list[str], chat_template: str,
     try:
         for prompt in prompts:
             text = prompt_text([{"role": "user", "content": prompt}], tokenizer, chat_template)
-            inputs = tokenizer(text, return_tensors="pt", add_special_tokens=prompt_adds_special_tokens(chat_template)).to(model.device)
+            inputs = tokenizer(text, return_tensors="pt", add_special_tokens=prompt_adds_special_tokens(chat_template)).to(
+                model.device
+            )
             out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-            records.append({"prompt": prompt, "output": tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)})
+            records.append(
+                {"prompt": prompt, "output": tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)}
+            )
     finally:
         model.train(was_training)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -103,5 +108,6 @@ class PeriodicPerplexity(TrainerCallback):
         if state.global_step % self.every or not state.is_world_process_zero or model is None:
             return
         result = perplexity(model, self.examples, self.batch_size)
-        self.run.append_metrics({"step": state.global_step, "eval_loss": round(result["loss"], 6),
-                                 "eval_perplexity": round(result["perplexity"], 4)})
+        self.run.append_metrics(
+            {"step": state.global_step, "eval_loss": round(result["loss"], 6), "eval_perplexity": round(result["perplexity"], 4)}
+        )

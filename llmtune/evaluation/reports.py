@@ -15,9 +15,15 @@ from llmtune.errors import UserError
 
 
 def deltas(before: dict[str, dict], after: dict[str, dict]) -> dict[str, dict[str, float]]:
-    return {task: {metric: round(m["value"] - before[task]["metrics"][metric]["value"], 6)
-                   for metric, m in r["metrics"].items() if metric in before.get(task, {}).get("metrics", {})}
-            for task, r in after.items() if task in before}
+    return {
+        task: {
+            metric: round(m["value"] - before[task]["metrics"][metric]["value"], 6)
+            for metric, m in r["metrics"].items()
+            if metric in before.get(task, {}).get("metrics", {})
+        }
+        for task, r in after.items()
+        if task in before
+    }
 
 
 def markdown_table(results: dict[str, dict]) -> str:
@@ -68,8 +74,12 @@ def plot_tasks(results: dict[str, dict], out: Path, title: str) -> Path | None:
             errors.append(m["stderr"] if m.get("stderr") is not None and not math.isnan(m["stderr"]) else 0)
         bars = ax.bar([j + i * width for j in range(len(keys))], values, width, yerr=errors, capsize=3, label=stage)
         ax.bar_label(bars, fmt="%.2f", fontsize=8)
-    ax.set_xticks([j + width * (len(stages) - 1) / 2 for j in range(len(keys))],
-                  [f"{t}\n{m}" for t, m in keys], fontsize=8, rotation=30 if len(keys) > 6 else 0)
+    ax.set_xticks(
+        [j + width * (len(stages) - 1) / 2 for j in range(len(keys))],
+        [f"{t}\n{m}" for t, m in keys],
+        fontsize=8,
+        rotation=30 if len(keys) > 6 else 0,
+    )
     ax.set(ylim=(0, 1.15), title=title)
     ax.legend()
     fig.tight_layout()
@@ -129,9 +139,22 @@ def compare(path_a: str, path_b: str) -> list[dict]:
             if mb is None:
                 continue
             diff = mb["value"] - ma["value"]
-            se = math.sqrt(ma["stderr"] ** 2 + mb["stderr"] ** 2) if ma.get("stderr") is not None and mb.get("stderr") is not None else None
-            rows.append({"task": task, "metric": metric, "a": ma["value"], "b": mb["value"], "diff": diff,
-                         "stderr": se, "significant": bool(se and abs(diff) > 2 * se)})
+            se = (
+                math.sqrt(ma["stderr"] ** 2 + mb["stderr"] ** 2)
+                if ma.get("stderr") is not None and mb.get("stderr") is not None
+                else None
+            )
+            rows.append(
+                {
+                    "task": task,
+                    "metric": metric,
+                    "a": ma["value"],
+                    "b": mb["value"],
+                    "diff": diff,
+                    "stderr": se,
+                    "significant": bool(se and abs(diff) > 2 * se),
+                }
+            )
     if not rows:
         raise UserError(f"--compare: {path_a} and {path_b} share no task and metric")
     return rows
@@ -146,7 +169,13 @@ def print_comparison(path_a: str, path_b: str, rows: list[dict]) -> None:
         table.add_column(column)
     for r in rows:
         mark = " *" if r["significant"] else ""
-        table.add_row(r["task"], r["metric"], f"{r['a']:.4f}", f"{r['b']:.4f}", f"{r['diff']:+.4f}{mark}",
-                      "" if r["stderr"] is None else f"{2 * r['stderr']:.4f}")
+        table.add_row(
+            r["task"],
+            r["metric"],
+            f"{r['a']:.4f}",
+            f"{r['b']:.4f}",
+            f"{r['diff']:+.4f}{mark}",
+            "" if r["stderr"] is None else f"{2 * r['stderr']:.4f}",
+        )
     Console().print(table)
     print("* the difference is larger than two standard errors")

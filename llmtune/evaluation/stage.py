@@ -34,14 +34,24 @@ def evaluate_stage(recipe: Recipe, recipe_dir: Path, run, model, tokenizer, data
         suites.append((suite_from_tasks(e.tasks), recipe_dir))
     if suites:
         print(f"[llmtune] lm-evaluation-harness ({when} training): {', '.join(s.name for s, _ in suites)}")
-        results |= evaluate_suites(model, tokenizer, suites, limit=e.limit, batch_size=e.batch_size, tag=when,
-                                   include_paths=[recipe_dir / p for p in e.include_paths], output_dir=run.path / "eval")
+        results |= evaluate_suites(
+            model,
+            tokenizer,
+            suites,
+            limit=e.limit,
+            batch_size=e.batch_size,
+            tag=when,
+            include_paths=[recipe_dir / p for p in e.include_paths],
+            output_dir=run.path / "eval",
+        )
     if e.perplexity and data.eval_rows:
         ppl = perplexity(model, tokenize_held_out(data.eval_rows, tokenizer, recipe.data.chat_template), recipe.train.batch_size)
         add_heldout(results, {"perplexity": ppl["perplexity"]}, len(data.eval_rows))
         print(f"[llmtune] held-out perplexity {ppl['perplexity']:.3f} over {ppl['tokens']} answer tokens {when} training")
     if e.sample_prompts:
-        sample_generations(model, tokenizer, e.sample_prompts, recipe.data.chat_template, run.path / "eval" / f"samples-{when}.jsonl")
+        sample_generations(
+            model, tokenizer, e.sample_prompts, recipe.data.chat_template, run.path / "eval" / f"samples-{when}.jsonl"
+        )
     run.write_json(f"eval/tasks-{when}.json", results)
     return results
 
@@ -51,7 +61,11 @@ def add_heldout(results: dict[str, dict], flat: dict[str, float], n: int) -> Non
     entry = results.setdefault("heldout", {"n": n, "num_fewshot": None, "metrics": {}})
     for metric, value in flat.items():
         if metric != "n":
-            entry["metrics"][metric] = {"value": float(value), "stderr": None, "higher_is_better": HIGHER_IS_BETTER.get(metric, True)}
+            entry["metrics"][metric] = {
+                "value": float(value),
+                "stderr": None,
+                "higher_is_better": HIGHER_IS_BETTER.get(metric, True),
+            }
 
 
 def finish(recipe: Recipe, run, tasks: dict[str, dict]) -> dict | None:

@@ -55,26 +55,45 @@ def load_for_eval(name: str, dtype: str = "auto", trust_remote_code: bool = Fals
     return model.to(training_device()).eval(), tokenizer, precision
 
 
-def run_eval(model_name: str, suite_names: list[str], tasks: list[str], limit: int | None, include_paths: list[str],
-             output: str | None, batch_size: int | str = "auto", dtype: str = "auto") -> dict:
+def run_eval(
+    model_name: str,
+    suite_names: list[str],
+    tasks: list[str],
+    limit: int | None,
+    include_paths: list[str],
+    output: str | None,
+    batch_size: int | str = "auto",
+    dtype: str = "auto",
+) -> dict:
     suites: list[tuple[Suite, Path]] = [load_suite(s) for s in suite_names]
     if tasks:
         suites.append((suite_from_tasks(tasks), Path.cwd()))
     if not suites:
-        raise UserError("llmtune eval: name what to evaluate: --suite NAME|FILE and/or --tasks a,b (`llmtune ls` lists the suites)")
+        raise UserError(
+            "llmtune eval: name what to evaluate: --suite NAME|FILE and/or --tasks a,b (`llmtune ls` lists the suites)"
+        )
     out = Path(output) if output else Path("runs") / f"eval-{Path(model_name).name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
     t0 = time.perf_counter()
     task_manager = check_tasks(suites, [Path(p) for p in include_paths])  # input mistakes surface before the model loads
     model, tokenizer, precision = load_for_eval(model_name, dtype)
-    results = evaluate_suites(model, tokenizer, suites, limit=limit, batch_size=batch_size, output_dir=out,
-                              task_manager=task_manager)
+    results = evaluate_suites(
+        model, tokenizer, suites, limit=limit, batch_size=batch_size, output_dir=out, task_manager=task_manager
+    )
     tasks_block = {"after": results}
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.md").write_text(markdown_table(tasks_block))
     plot = plot_tasks(tasks_block, out / "plots" / "eval_tasks.png", f"{Path(model_name).name}: evaluation")
-    summary = {"status": "completed", "model": model_name, "precision": precision.name, "device": str(model.device),
-               "suites": [s.name for s, _ in suites], "limit": limit, "runtime_s": round(time.perf_counter() - t0, 1),
-               "eval": {"tasks": tasks_block}, "plots": [str(plot)] if plot else []}
+    summary = {
+        "status": "completed",
+        "model": model_name,
+        "precision": precision.name,
+        "device": str(model.device),
+        "suites": [s.name for s, _ in suites],
+        "limit": limit,
+        "runtime_s": round(time.perf_counter() - t0, 1),
+        "eval": {"tasks": tasks_block},
+        "plots": [str(plot)] if plot else [],
+    }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print_tasks(tasks_block)
     return summary | {"output_dir": str(out)}

@@ -38,8 +38,14 @@ MERGE_RELATIVE_TOLERANCE = 1e-5
 GGUF_FILE = "model.gguf"
 
 
-def export_model(spec: str | Path, fmt: str, output: str | Path | None = None, heldout_rows: list | None = None,
-                 update_run_summary: bool = True, reference_cache: dict | None = None) -> dict:
+def export_model(
+    spec: str | Path,
+    fmt: str,
+    output: str | Path | None = None,
+    heldout_rows: list | None = None,
+    update_run_summary: bool = True,
+    reference_cache: dict | None = None,
+) -> dict:
     """Export `spec` (run directory, model directory or built-in name) as `fmt`; returns the verification record.
 
     `reference_cache`: pass the same dict to several calls for one source, and the fp32 reference is
@@ -49,9 +55,11 @@ def export_model(spec: str | Path, fmt: str, output: str | Path | None = None, h
         raise UserError(f"--format: unknown format {fmt!r}; one of {', '.join(FORMATS)}")
     source = resolve_source(str(spec))
     if source.is_adapter and not source.mergeable and fmt != "merged":
-        raise UserError(f"--format {fmt}: a {source.adapter_kind} adapter cannot be merged into its base (virtual tokens are "
-                        "not weights), so there is no standalone model to quantize; use --format merged, which exports "
-                        "the adapter with a reference to its base")
+        raise UserError(
+            f"--format {fmt}: a {source.adapter_kind} adapter cannot be merged into its base (virtual tokens are "
+            "not weights), so there is no standalone model to quantize; use --format merged, which exports "
+            "the adapter with a reference to its base"
+        )
     out_dir = Path(output) if output else default_output(source, fmt)
     _check_replaceable(out_dir)
     t0 = time.perf_counter()
@@ -76,8 +84,13 @@ def export_model(spec: str | Path, fmt: str, output: str | Path | None = None, h
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     merged = None  # kept for the GGUF weight check
-    record: dict = {"format": fmt, "path": str(out_dir), "source": str(spec), "heldout": heldout,
-                    "reference": "the trained model in fp32" + (" (base + adapter)" if source.is_adapter else "")}
+    record: dict = {
+        "format": fmt,
+        "path": str(out_dir),
+        "source": str(spec),
+        "heldout": heldout,
+        "reference": "the trained model in fp32" + (" (base + adapter)" if source.is_adapter else ""),
+    }
     try:
         if source.is_adapter and not source.mergeable:
             record |= _write_adapter(source, staging)
@@ -90,8 +103,9 @@ def export_model(spec: str | Path, fmt: str, output: str | Path | None = None, h
         else:
             merged = merge(trained, source)
             print(f"[llmtune] writing {fmt} with the gguf package")
-            record["tensor_types"] = write_gguf(merged.state_dict(), merged.config, _tokenizer_dir(source), staging / GGUF_FILE,
-                                                fmt, source.name)
+            record["tensor_types"] = write_gguf(
+                merged.state_dict(), merged.config, _tokenizer_dir(source), staging / GGUF_FILE, fmt, source.name
+            )
             record |= {"kind": "gguf", "gguf_file": GGUF_FILE}
         shutil.rmtree(out_dir, ignore_errors=True)
         os.replace(staging, out_dir)
@@ -135,10 +149,15 @@ def _write_adapter(source: ExportSource, out: Path) -> dict:
     config = json.loads((out / "adapter_config.json").read_text())
     config["base_model_name_or_path"] = str(Path(source.base_path).resolve())
     (out / "adapter_config.json").write_text(json.dumps(config, indent=2))
-    print(f"[llmtune] a {source.adapter_kind} adapter cannot be merged; exporting the adapter with a reference to "
-          f"its base ({source.base_path})")
-    return {"kind": "adapter", "base_model": str(Path(source.base_path).resolve()),
-            "note": f"{source.adapter_kind} cannot be merged into the base (virtual tokens are not weights); exported as an adapter"}
+    print(
+        f"[llmtune] a {source.adapter_kind} adapter cannot be merged; exporting the adapter with a reference to "
+        f"its base ({source.base_path})"
+    )
+    return {
+        "kind": "adapter",
+        "base_model": str(Path(source.base_path).resolve()),
+        "note": f"{source.adapter_kind} cannot be merged into the base (virtual tokens are not weights); exported as an adapter",
+    }
 
 
 def _write_bnb(source: ExportSource, merged, tokenizer, out: Path, fmt: str) -> dict:
@@ -155,8 +174,9 @@ def _write_bnb(source: ExportSource, merged, tokenizer, out: Path, fmt: str) -> 
         else:
             path = str(source.model_dir)
         print(f"[llmtune] quantizing with bitsandbytes ({bits})")
-        quantized = AutoModelForCausalLM.from_pretrained(path, quantization_config=bnb_config(bits, FP32), dtype=torch.float32,
-                                                         device_map={"": training_device()})
+        quantized = AutoModelForCausalLM.from_pretrained(
+            path, quantization_config=bnb_config(bits, FP32), dtype=torch.float32, device_map={"": training_device()}
+        )
         quantized.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return {"kind": "bitsandbytes", "quantization_config": quantized.config.quantization_config.to_dict()}
@@ -184,22 +204,30 @@ def _verify(fmt, record, out_dir, tokenizer, texts, batches, reference, merged) 
         checks["reload"] = {"ok": True, "loader": "transformers from_pretrained(gguf_file=)"}
         checks["weights"] = _gguf_weights_check(merged, reloaded, fmt)
         gguf_tokenizer = AutoTokenizer.from_pretrained(out_dir, gguf_file=GGUF_FILE)
-        checks["tokenizer_round_trip"] = tokenizer_round_trip(tokenizer, gguf_tokenizer, list(dict.fromkeys(texts + SAMPLE_TEXTS)))
+        checks["tokenizer_round_trip"] = tokenizer_round_trip(
+            tokenizer, gguf_tokenizer, list(dict.fromkeys(texts + SAMPLE_TEXTS))
+        )
     else:
         # No extra arguments: a bitsandbytes export must say how it is quantized in its own config.json.
         reloaded = AutoModelForCausalLM.from_pretrained(out_dir).eval()
         quantized = getattr(reloaded.config, "quantization_config", None)
         if fmt.startswith("bnb"):
             bnb_layers = sum(type(m).__name__ in ("Linear8bitLt", "Linear4bit") for m in reloaded.modules())
-            checks["reload"] = {"ok": quantized is not None and bnb_layers > 0, "loader": "transformers from_pretrained",
-                                "quantized_layers": bnb_layers}
+            checks["reload"] = {
+                "ok": quantized is not None and bnb_layers > 0,
+                "loader": "transformers from_pretrained",
+                "quantized_layers": bnb_layers,
+            }
         else:
             checks["reload"] = {"ok": quantized is None, "loader": "transformers from_pretrained"}
     cost = compare(reference, measure(reloaded, batches), batches)
     if fmt == "merged":
         tolerance = max(MERGE_TOLERANCE, MERGE_RELATIVE_TOLERANCE * cost["reference_max_abs_logit"])
-        checks["merged_equals_trained"] = {"ok": cost["max_abs_logit_diff"] < tolerance,
-                                           "max_abs_logit_diff": cost["max_abs_logit_diff"], "tolerance": tolerance}
+        checks["merged_equals_trained"] = {
+            "ok": cost["max_abs_logit_diff"] < tolerance,
+            "max_abs_logit_diff": cost["max_abs_logit_diff"],
+            "tolerance": tolerance,
+        }
     checks["finite_logits"] = {"ok": math_finite(cost)}
     return checks, cost
 
@@ -219,8 +247,11 @@ def _gguf_weights_check(merged, reloaded, fmt: str) -> dict:
         want = torch.from_numpy(expected_weight(tensor.float().numpy(), gguf_name, fmt).astype("float32"))
         worst = max(worst, float((got[name].float() - want.reshape(got[name].shape)).abs().max()))
         compared += 1
-    expected = sum(1 for n in merged.state_dict() if gguf_tensor_name(n, merged.config)
-                   and not (merged.config.tie_word_embeddings and n == "lm_head.weight"))
+    expected = sum(
+        1
+        for n in merged.state_dict()
+        if gguf_tensor_name(n, merged.config) and not (merged.config.tie_word_embeddings and n == "lm_head.weight")
+    )
     return {"ok": compared == expected and worst < 1e-5, "tensors": compared, "max_abs_diff": worst}
 
 

@@ -45,18 +45,24 @@ def check_gguf_supported(config, tokenizer_dir: Path) -> None:
     """Raise UserError when this model or tokenizer cannot be written as GGUF here."""
     model_type = getattr(config, "model_type", None)
     if model_type not in ARCHITECTURES:
-        raise UserError(f"--format gguf: model type {model_type!r} is not supported; GGUF export covers "
-                        f"{', '.join(ARCHITECTURES)} (use --format merged or bnb-8bit/bnb-4bit for this model)")
+        raise UserError(
+            f"--format gguf: model type {model_type!r} is not supported; GGUF export covers "
+            f"{', '.join(ARCHITECTURES)} (use --format merged or bnb-8bit/bnb-4bit for this model)"
+        )
     if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
         raise UserError("--format gguf: Llama/Mistral models with attention or MLP biases are not supported")
     rope = _rope(config)
     if rope.get("rope_type", "default") != "default":
-        raise UserError(f"--format gguf: rope scaling {rope.get('rope_type')!r} is not supported by this writer; "
-                        "export --format merged and convert with llama.cpp's convert_hf_to_gguf.py")
+        raise UserError(
+            f"--format gguf: rope scaling {rope.get('rope_type')!r} is not supported by this writer; "
+            "export --format merged and convert with llama.cpp's convert_hf_to_gguf.py"
+        )
     model = _tokenizer_json(tokenizer_dir).get("model", {})
     if model.get("type") != "BPE" or model.get("byte_fallback"):
-        raise UserError("--format gguf: only byte-level BPE tokenizers (GPT-2 style: Llama 3, Qwen2, SmolLM) are supported; "
-                        "this one is SentencePiece-style. Export --format merged and convert with llama.cpp")
+        raise UserError(
+            "--format gguf: only byte-level BPE tokenizers (GPT-2 style: Llama 3, Qwen2, SmolLM) are supported; "
+            "this one is SentencePiece-style. Export --format merged and convert with llama.cpp"
+        )
 
 
 @torch.no_grad()
@@ -125,8 +131,7 @@ def gguf_tensor_name(hf_name: str, config) -> str | None:
 
 def permute_for_rope(weight: np.ndarray, n_head: int) -> np.ndarray:
     """llama.cpp's rotary layout for q/k rows (convert_hf_to_gguf.py LlamaModel.permute)."""
-    return (weight.reshape(n_head, 2, weight.shape[0] // n_head // 2, *weight.shape[1:])
-            .swapaxes(1, 2).reshape(weight.shape))
+    return weight.reshape(n_head, 2, weight.shape[0] // n_head // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
 
 
 def _tensor_type(gguf_name: str, data: np.ndarray, weight_type, head_type):
@@ -209,7 +214,9 @@ def _add_tokenizer(writer, config, tokenizer_dir: Path) -> None:
 
 # Pre-tokenizer regexes llama.cpp names (and transformers' GGUF loader knows), by the pattern in tokenizer.json.
 _QWEN2_PATTERN = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-_LLAMA3_PATTERN = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+_LLAMA3_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 
 
 def _pre_tokenizer_name(tokenizer_json: dict) -> str:

@@ -73,22 +73,30 @@ def resolve_source(spec: str) -> ExportSource:
         if (path / "adapter_config.json").is_file():
             return _adapter_source(path, path.name, None)
         if not (path / "config.json").is_file():
-            raise UserError(f"export: {path} is neither an llmtune run directory (recipe.resolved.yaml) nor a model "
-                            "directory (config.json) nor a PEFT adapter (adapter_config.json)")
+            raise UserError(
+                f"export: {path} is neither an llmtune run directory (recipe.resolved.yaml) nor a model "
+                "directory (config.json) nor a PEFT adapter (adapter_config.json)"
+            )
         return ExportSource(name=path.resolve().name, model_dir=path)
-    raise UserError(f"export: {spec!r} is not a run directory, a model directory or a built-in model "
-                    f"({', '.join(BUILTIN_MODELS)}); hub ids are not exported directly: download the model first")
+    raise UserError(
+        f"export: {spec!r} is not a run directory, a model directory or a built-in model "
+        f"({', '.join(BUILTIN_MODELS)}); hub ids are not exported directly: download the model first"
+    )
 
 
 def _run_source(run_dir: Path) -> ExportSource:
     final = run_dir / "final"
     if not final.is_dir():
-        raise UserError(f"export: {run_dir} has no final/ (the run did not finish); finish it with "
-                        f"`llmtune train RECIPE train.output_dir={run_dir} --resume`")
+        raise UserError(
+            f"export: {run_dir} has no final/ (the run did not finish); finish it with "
+            f"`llmtune train RECIPE train.output_dir={run_dir} --resume`"
+        )
     recipe = yaml.safe_load((run_dir / "recipe.resolved.yaml").read_text())
     if recipe.get("method", {}).get("kind", "sft") != "sft":
-        raise UserError(f"export: the run trained method {recipe['method']['kind']}; export covers causal language "
-                        "models (sft); its final/ already loads with plain transformers/peft")
+        raise UserError(
+            f"export: the run trained method {recipe['method']['kind']}; export covers causal language "
+            "models (sft); its final/ already loads with plain transformers/peft"
+        )
     _check_gathered(final)
     manifest = _read_json(run_dir / "manifest.json")
     summary = _read_json(run_dir / "summary.json")
@@ -158,9 +166,11 @@ def _check_gathered(final: Path) -> None:
         with safe_open(str(file), "pt") as f:
             empty = [k for k in f.keys() if 0 in f.get_slice(k).get_shape()]
         if empty:
-            raise UserError(f"export: {file} holds empty tensors ({empty[0]}, ...): the run saved ZeRO-3 shards without "
-                            "gathering them; set stage3_gather_16bit_weights_on_model_save: true in the DeepSpeed config "
-                            "and save again (or convert a checkpoint with DeepSpeed's zero_to_fp32.py)")
+            raise UserError(
+                f"export: {file} holds empty tensors ({empty[0]}, ...): the run saved ZeRO-3 shards without "
+                "gathering them; set stage3_gather_16bit_weights_on_model_save: true in the DeepSpeed config "
+                "and save again (or convert a checkpoint with DeepSpeed's zero_to_fp32.py)"
+            )
 
 
 def _read_json(path: Path) -> dict:

@@ -31,9 +31,19 @@ def make_batches(tokenizer, texts: list[str]) -> list[dict]:
     side = tokenizer.padding_side
     tokenizer.padding_side = "right"
     try:
-        return [dict(tokenizer(texts[i : i + BATCH], return_tensors="pt", padding=True, truncation=True,
-                               max_length=MAX_TOKENS, add_special_tokens=False))
-                for i in range(0, len(texts), BATCH)]
+        return [
+            dict(
+                tokenizer(
+                    texts[i : i + BATCH],
+                    return_tensors="pt",
+                    padding=True,
+                    truncation=True,
+                    max_length=MAX_TOKENS,
+                    add_special_tokens=False,
+                )
+            )
+            for i in range(0, len(texts), BATCH)
+        ]
     finally:
         tokenizer.padding_side = side
 

@@ -34,8 +34,23 @@ import importlib
 import pkgutil
 from types import ModuleType
 
-PROTOCOL = ("KIND", "DESCRIPTION", "FORMATS", "EXAMPLES", "MODEL", "WHOLE_WEIGHTS_PER_RANK", "REWARD_MODEL_KEY",
-            "PACKING_AND_STREAMING", "OPTIONS", "RULES", "memory_terms", "train", "evaluates", "evaluate", "training_figures")
+PROTOCOL = (
+    "KIND",
+    "DESCRIPTION",
+    "FORMATS",
+    "EXAMPLES",
+    "MODEL",
+    "WHOLE_WEIGHTS_PER_RANK",
+    "REWARD_MODEL_KEY",
+    "PACKING_AND_STREAMING",
+    "OPTIONS",
+    "RULES",
+    "memory_terms",
+    "train",
+    "evaluates",
+    "evaluate",
+    "training_figures",
+)
 MODELS = ("causal_lm", "sequence_classifier")
 EXAMPLE_KINDS = ("lm", "classification", "preference", "prompt", "feedback")
 

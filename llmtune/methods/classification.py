@@ -8,7 +8,7 @@ Held out: accuracy and macro-F1, with each row's prediction in eval/predictions-
 from __future__ import annotations
 
 KIND = "classification"
-DESCRIPTION = ("a new sequence-classification head on the base; labels and their count come from the data")
+DESCRIPTION = "a new sequence-classification head on the base; labels and their count come from the data"
 FORMATS = ("classification",)
 EXAMPLES = "classification"
 MODEL = "sequence_classifier"
@@ -27,18 +27,24 @@ def _no_language_model_evaluation(recipe) -> list[str]:
     e = recipe.eval
     problems = []
     if e.exact_match:
-        problems.append("eval.exact_match: scores generated text; classification reports accuracy and macro-F1 by itself; remove it")
+        problems.append(
+            "eval.exact_match: scores generated text; classification reports accuracy and macro-F1 by itself; remove it"
+        )
     if e.perplexity or e.every_n_steps or e.sample_prompts or e.suites or e.tasks:
-        problems.append("eval: perplexity, every_n_steps, sample_prompts, suites and tasks score language models; "
-                        "a classifier reports accuracy and macro-F1 by itself; remove them")
+        problems.append(
+            "eval: perplexity, every_n_steps, sample_prompts, suites and tasks score language models; "
+            "a classifier reports accuracy and macro-F1 by itself; remove them"
+        )
     return problems
 
 
 def _no_language_model_export(recipe) -> list[str]:
     if recipe.export.merged or recipe.export.formats:
         key = "export.merged" if recipe.export.merged else "export.formats"
-        return [f"{key}: export covers causal language models; a classifier's final/ already loads with "
-                "AutoPeftModelForSequenceClassification (or AutoModelForSequenceClassification); remove it"]
+        return [
+            f"{key}: export covers causal language models; a classifier's final/ already loads with "
+            "AutoPeftModelForSequenceClassification (or AutoModelForSequenceClassification); remove it"
+        ]
     return []
 
 
@@ -54,10 +60,14 @@ def train(recipe, run, model, tokenizer, data, precision, resume_from: str | Non
 
     from llmtune.methods.trainers.hf import run_trainer, training_arguments
 
-    trainer = Trainer(model=model, args=TrainingArguments(**training_arguments(recipe, run, precision)),
-                      train_dataset=data.train, processing_class=tokenizer,
-                      data_collator=DataCollatorWithPadding(tokenizer),
-                      callbacks=[run.callback(recipe.train.save_total_limit)])
+    trainer = Trainer(
+        model=model,
+        args=TrainingArguments(**training_arguments(recipe, run, precision)),
+        train_dataset=data.train,
+        processing_class=tokenizer,
+        data_collator=DataCollatorWithPadding(tokenizer),
+        callbacks=[run.callback(recipe.train.save_total_limit)],
+    )
     return trainer, run_trainer(trainer, resume_from)
 
 
@@ -68,10 +78,18 @@ def evaluates(recipe, data) -> bool:
 def evaluate(recipe, run, model, tokenizer, data, when: str) -> dict:
     from llmtune.evaluation.classification import classification_metrics
 
-    result = classification_metrics(model, tokenizer, data.eval, data.label_names, recipe.train.batch_size,
-                                    predictions_path=run.path / "eval" / f"predictions-{when}.jsonl")
-    print(f"[llmtune] held-out accuracy {result['accuracy']:.1%}, macro-F1 {result['macro_f1']:.3f} "
-          f"of {result['n']} {when} training")
+    result = classification_metrics(
+        model,
+        tokenizer,
+        data.eval,
+        data.label_names,
+        recipe.train.batch_size,
+        predictions_path=run.path / "eval" / f"predictions-{when}.jsonl",
+    )
+    print(
+        f"[llmtune] held-out accuracy {result['accuracy']:.1%}, macro-F1 {result['macro_f1']:.3f} "
+        f"of {result['n']} {when} training"
+    )
     return result
 
 

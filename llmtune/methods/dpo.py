@@ -40,8 +40,10 @@ RULES = ()
 
 def memory_terms(shape) -> dict[str, float]:
     # Chosen and rejected go through the policy (and the reference) as one batch of 2 x batch_size rows.
-    terms = {"activations of the rejected responses": shape.activations(shape.batch_size),
-             "logits and loss (chosen and rejected)": shape.logits(2 * shape.batch_size)}
+    terms = {
+        "activations of the rejected responses": shape.activations(shape.batch_size),
+        "logits and loss (chosen and rejected)": shape.logits(2 * shape.batch_size),
+    }
     if shape.whole:  # with an adapter the reference is the policy with its adapters disabled
         terms["frozen reference model"] = shape.frozen_copy()
     return terms
@@ -54,10 +56,21 @@ def train(recipe, run, model, tokenizer, data, precision, resume_from: str | Non
     from llmtune.methods.trainers.hf import run_trainer, training_arguments
 
     cfg = recipe.method.dpo
-    args = DPOConfig(**training_arguments(recipe, run, precision), max_length=recipe.data.max_length,
-                     beta=cfg.beta, loss_type=[cfg.loss_type], label_smoothing=cfg.label_smoothing, disable_dropout=True)
-    trainer = DPOTrainer(model=model, args=args, train_dataset=data.train, processing_class=tokenizer,
-                         callbacks=[run.callback(recipe.train.save_total_limit)])
+    args = DPOConfig(
+        **training_arguments(recipe, run, precision),
+        max_length=recipe.data.max_length,
+        beta=cfg.beta,
+        loss_type=[cfg.loss_type],
+        label_smoothing=cfg.label_smoothing,
+        disable_dropout=True,
+    )
+    trainer = DPOTrainer(
+        model=model,
+        args=args,
+        train_dataset=data.train,
+        processing_class=tokenizer,
+        callbacks=[run.callback(recipe.train.save_total_limit)],
+    )
     return trainer, run_trainer(trainer, resume_from)
 
 

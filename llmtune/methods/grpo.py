@@ -52,16 +52,19 @@ OPTIONS = Options
 def _needs_a_reward(recipe) -> list[str]:
     grpo = recipe.method.grpo
     if not (grpo.reward_functions or grpo.reward_models) and not recipe.stages:
-        return ["method.grpo: needs a reward: set reward_functions and/or reward_models "
-                "(or reward_from_stage in a pipeline stage)"]
+        return [
+            "method.grpo: needs a reward: set reward_functions and/or reward_models (or reward_from_stage in a pipeline stage)"
+        ]
     return []
 
 
 def _batch_holds_whole_groups(recipe) -> list[str]:
     n = recipe.method.grpo.num_generations
     if recipe.train.batch_size % n:
-        return [f"train.batch_size: GRPO groups train.batch_size completions into groups of "
-                f"method.grpo.num_generations={n}; make the batch size a multiple of it"]
+        return [
+            f"train.batch_size: GRPO groups train.batch_size completions into groups of "
+            f"method.grpo.num_generations={n}; make the batch size a multiple of it"
+        ]
     return []
 
 
@@ -87,12 +90,27 @@ def train(recipe, run, model, tokenizer, data, precision, resume_from: str | Non
     reward_funcs = [load_function(path, "method.grpo.reward_functions") for path in cfg.reward_functions]
     reward_funcs += [_reward_model(path, precision) for path in cfg.reward_models]
     if not reward_funcs:
-        raise UserError("method.grpo: needs a reward: set reward_functions and/or reward_models (or reward_from_stage in a pipeline)")
-    args = GRPOConfig(**training_arguments(recipe, run, precision), num_generations=cfg.num_generations,
-                      max_completion_length=cfg.max_new_tokens, temperature=cfg.temperature, beta=cfg.beta,
-                      epsilon=cfg.clip_range, loss_type=cfg.loss_type, disable_dropout=True)
-    trainer = GRPOTrainer(model=model, reward_funcs=reward_funcs, args=args, train_dataset=data.train,
-                          processing_class=tokenizer, callbacks=[run.callback(recipe.train.save_total_limit)])
+        raise UserError(
+            "method.grpo: needs a reward: set reward_functions and/or reward_models (or reward_from_stage in a pipeline)"
+        )
+    args = GRPOConfig(
+        **training_arguments(recipe, run, precision),
+        num_generations=cfg.num_generations,
+        max_completion_length=cfg.max_new_tokens,
+        temperature=cfg.temperature,
+        beta=cfg.beta,
+        epsilon=cfg.clip_range,
+        loss_type=cfg.loss_type,
+        disable_dropout=True,
+    )
+    trainer = GRPOTrainer(
+        model=model,
+        reward_funcs=reward_funcs,
+        args=args,
+        train_dataset=data.train,
+        processing_class=tokenizer,
+        callbacks=[run.callback(recipe.train.save_total_limit)],
+    )
     return trainer, run_trainer(trainer, resume_from)
 
 
@@ -108,7 +126,7 @@ def training_figures(run) -> dict:
     return {}
 
 
-def _reward_model(path: str, precision: Precision):
+def _reward_model(path: str, precision):
     from pathlib import Path
 
     from transformers import AutoModelForSequenceClassification

@@ -71,15 +71,19 @@ OPTIONS = Options
 def _needs_a_reward(recipe) -> list[str]:
     ppo = recipe.method.ppo
     if not (ppo.reward_model or ppo.reward_function) and not recipe.stages:
-        return ["method.ppo: needs a reward: set reward_model (a folder) and/or reward_function "
-                "(or reward_from_stage in a pipeline stage)"]
+        return [
+            "method.ppo: needs a reward: set reward_model (a folder) and/or reward_function "
+            "(or reward_from_stage in a pipeline stage)"
+        ]
     return []
 
 
 def _mini_batch_fits_the_rollout(recipe) -> list[str]:
     if recipe.method.ppo.mini_batch_size > recipe.train.batch_size:
-        return [f"method.ppo.mini_batch_size: {recipe.method.ppo.mini_batch_size} is larger than the rollout "
-                f"batch (train.batch_size={recipe.train.batch_size}); lower it"]
+        return [
+            f"method.ppo.mini_batch_size: {recipe.method.ppo.mini_batch_size} is larger than the rollout "
+            f"batch (train.batch_size={recipe.train.batch_size}); lower it"
+        ]
     return []
 
 
@@ -148,5 +152,8 @@ def training_figures(run) -> dict:
     if not after:
         return {}
     before = run.read_json("eval/reward_before.json")
-    print(f"[llmtune] held-out reward {before['reward_mean']:.4f} -> {after['reward_mean']:.4f}, KL to the reference {after['kl']:.3f}")
+    print(
+        f"[llmtune] held-out reward {before['reward_mean']:.4f} -> {after['reward_mean']:.4f}, "
+        f"KL to the reference {after['kl']:.3f}"
+    )
     return {"before": before, "after": after}

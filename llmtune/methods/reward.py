@@ -62,16 +62,27 @@ def train(recipe, run, model, tokenizer, data, precision, resume_from: str | Non
     from llmtune.methods.trainers.hf import run_trainer, training_arguments
 
     model.config.pad_token_id = tokenizer.pad_token_id
-    args = RewardConfig(**training_arguments(recipe, run, precision), max_length=recipe.data.max_length,
-                        center_rewards_coefficient=recipe.method.reward.center_rewards_coefficient,
-                        disable_dropout=True)
-    trainer = _merging_reward_trainer()(model=model, args=args, train_dataset=data.train, eval_dataset=data.eval,
-                                        processing_class=tokenizer, callbacks=[run.callback(recipe.train.save_total_limit)])
+    args = RewardConfig(
+        **training_arguments(recipe, run, precision),
+        max_length=recipe.data.max_length,
+        center_rewards_coefficient=recipe.method.reward.center_rewards_coefficient,
+        disable_dropout=True,
+    )
+    trainer = _merging_reward_trainer()(
+        model=model,
+        args=args,
+        train_dataset=data.train,
+        eval_dataset=data.eval,
+        processing_class=tokenizer,
+        callbacks=[run.callback(recipe.train.save_total_limit)],
+    )
     output = run_trainer(trainer, resume_from)
     if data.eval is not None and is_main_process():
         metrics = trainer.evaluate()
-        run.write_json("eval/after.json", {"accuracy": round(metrics["eval_accuracy"], 4),
-                                           "margin": round(metrics["eval_margin"], 4), "n": len(data.eval)})
+        run.write_json(
+            "eval/after.json",
+            {"accuracy": round(metrics["eval_accuracy"], 4), "margin": round(metrics["eval_margin"], 4), "n": len(data.eval)},
+        )
     return trainer, output
 
 
@@ -87,7 +98,9 @@ def training_figures(run) -> dict:
     after = run.read_json("eval/after.json")
     if not after:
         return {}
-    print(f"[llmtune] held-out pairwise accuracy {after['accuracy']:.1%}, mean margin {after['margin']:.3f} of {after['n']} pairs")
+    print(
+        f"[llmtune] held-out pairwise accuracy {after['accuracy']:.1%}, mean margin {after['margin']:.3f} of {after['n']} pairs"
+    )
     return {"after": after}
 
 

@@ -29,8 +29,10 @@ def evaluates(recipe, data) -> bool:
     if recipe.eval.exact_match is not None and not data.eval_rows:
         from llmtune.data import describe_drops
 
-        raise UserError("eval.exact_match: no usable held-out rows (see the drop reasons in the data report)",
-                        describe_drops(data.stats["dropped"]))
+        raise UserError(
+            "eval.exact_match: no usable held-out rows (see the drop reasons in the data report)",
+            describe_drops(data.stats["dropped"]),
+        )
     return recipe.eval.exact_match is not None
 
 
@@ -38,8 +40,15 @@ def evaluate(recipe, run, model, tokenizer, data, when: str) -> dict:
     """Exact match of the greedy answers to the held-out prompts."""
     from llmtune.evaluation.exact_match import exact_match
 
-    result = exact_match(model, tokenizer, data.eval_rows, recipe.eval.exact_match, recipe.data.chat_template,
-                         generations_path=run.path / "eval" / f"generations-{when}.jsonl", desc=f"exact match ({when})")
+    result = exact_match(
+        model,
+        tokenizer,
+        data.eval_rows,
+        recipe.eval.exact_match,
+        recipe.data.chat_template,
+        generations_path=run.path / "eval" / f"generations-{when}.jsonl",
+        desc=f"exact match ({when})",
+    )
     print(f"[llmtune] held-out exact match {result['exact_match']:.1%} of {result['n']} {when} training")
     return result
 
@@ -74,14 +83,21 @@ def train(recipe, run, model, tokenizer, data, precision, resume_from: str | Non
         dataset_kwargs={"skip_prepare_dataset": True},
     )
     if cfg.padding_free and not varlen:
-        print("[llmtune] data.padding_free: the attention kernel is not flash attention, so rows stay apart and "
-              "are padded (one long sequence would cost quadratic attention); set model.attn_implementation: "
-              "flash_attention_2 on a GPU to drop the padding", file=sys.stderr)
+        print(
+            "[llmtune] data.padding_free: the attention kernel is not flash attention, so rows stay apart and "
+            "are padded (one long sequence would cost quadratic attention); set model.attn_implementation: "
+            "flash_attention_2 on a GPU to drop the padding",
+            file=sys.stderr,
+        )
     collator = PackedRowsCollator(tokenizer.pad_token_id) if rows_apart else None
-    trainer = _sft_trainer_class()(model=model, args=args, train_dataset=data.train, processing_class=tokenizer,
-                                   data_collator=collator,
-                                   callbacks=[run.callback(recipe.train.save_total_limit),
-                                              *periodic_callbacks(recipe, run, tokenizer, data)])
+    trainer = _sft_trainer_class()(
+        model=model,
+        args=args,
+        train_dataset=data.train,
+        processing_class=tokenizer,
+        data_collator=collator,
+        callbacks=[run.callback(recipe.train.save_total_limit), *periodic_callbacks(recipe, run, tokenizer, data)],
+    )
     return trainer, run_trainer(trainer, resume_from)
 
 

@@ -9,8 +9,9 @@ from llmtune.errors import UserError
 from llmtune.recipe.schema import AdapterSection
 
 
-def apply_adapter(model, cfg: AdapterSection, task: str = "CAUSAL_LM", tokenizer_path: str | None = None,
-                  gradient_checkpointing: bool = False):
+def apply_adapter(
+    model, cfg: AdapterSection, task: str = "CAUSAL_LM", tokenizer_path: str | None = None, gradient_checkpointing: bool = False
+):
     """Wrap or freeze `model` for training as the adapter section says; returns the model to train.
 
     `task` is PEFT's task type: `CAUSAL_LM`, or `SEQ_CLS` when a new classification head trains
@@ -45,8 +46,10 @@ def _target_modules(cfg: AdapterSection, model, default):
         return cfg.target_modules or default
     names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
     if not set(ATTENTION_MODULES) & names:
-        raise UserError(f"adapter.target_modules: this architecture has no {'/'.join(ATTENTION_MODULES)} modules; "
-                        "list its attention projections by name instead")
+        raise UserError(
+            f"adapter.target_modules: this architecture has no {'/'.join(ATTENTION_MODULES)} modules; "
+            "list its attention projections by name instead"
+        )
     return [m for m in ATTENTION_MODULES if m in names]
 
 
@@ -54,21 +57,38 @@ def _peft_config(cfg: AdapterSection, model, task: str, tokenizer_path: str | No
     import peft
 
     if cfg.kind == "lora":
-        return peft.LoraConfig(task_type=task, r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
-                               target_modules=_target_modules(cfg, model, "all-linear"),
-                               modules_to_save=cfg.modules_to_save or None, use_rslora=cfg.use_rslora, use_dora=cfg.use_dora)
+        return peft.LoraConfig(
+            task_type=task,
+            r=cfg.r,
+            lora_alpha=cfg.alpha,
+            lora_dropout=cfg.dropout,
+            target_modules=_target_modules(cfg, model, "all-linear"),
+            modules_to_save=cfg.modules_to_save or None,
+            use_rslora=cfg.use_rslora,
+            use_dora=cfg.use_dora,
+        )
     if cfg.kind == "ia3":
-        return peft.IA3Config(task_type=task, target_modules=_target_modules(cfg, model, None), feedforward_modules=cfg.feedforward_modules,
-                              modules_to_save=cfg.modules_to_save or None)
+        return peft.IA3Config(
+            task_type=task,
+            target_modules=_target_modules(cfg, model, None),
+            feedforward_modules=cfg.feedforward_modules,
+            modules_to_save=cfg.modules_to_save or None,
+        )
     if cfg.kind == "prefix":
-        return peft.PrefixTuningConfig(task_type=task, num_virtual_tokens=cfg.num_virtual_tokens,
-                                       prefix_projection=cfg.prefix_projection)
+        return peft.PrefixTuningConfig(
+            task_type=task, num_virtual_tokens=cfg.num_virtual_tokens, prefix_projection=cfg.prefix_projection
+        )
     if cfg.prompt_init_text:
-        return peft.PromptTuningConfig(task_type=task, num_virtual_tokens=cfg.num_virtual_tokens,
-                                       prompt_tuning_init=peft.PromptTuningInit.TEXT,
-                                       prompt_tuning_init_text=cfg.prompt_init_text, tokenizer_name_or_path=tokenizer_path)
-    return peft.PromptTuningConfig(task_type=task, num_virtual_tokens=cfg.num_virtual_tokens,
-                                   prompt_tuning_init=peft.PromptTuningInit.RANDOM)
+        return peft.PromptTuningConfig(
+            task_type=task,
+            num_virtual_tokens=cfg.num_virtual_tokens,
+            prompt_tuning_init=peft.PromptTuningInit.TEXT,
+            prompt_tuning_init_text=cfg.prompt_init_text,
+            tokenizer_name_or_path=tokenizer_path,
+        )
+    return peft.PromptTuningConfig(
+        task_type=task, num_virtual_tokens=cfg.num_virtual_tokens, prompt_tuning_init=peft.PromptTuningInit.RANDOM
+    )
 
 
 def _freeze(model, cfg: AdapterSection, task: str):
@@ -78,8 +98,9 @@ def _freeze(model, cfg: AdapterSection, task: str):
         patterns = [re.compile(p) for p in cfg.trainable]
         trainable = {n for n in names if any(p.search(n) for p in patterns)}
         if not trainable:
-            raise UserError(f"adapter.trainable: no parameter name matches {cfg.trainable}; "
-                            f"names look like {names[0]!r} ... {names[-1]!r}")
+            raise UserError(
+                f"adapter.trainable: no parameter name matches {cfg.trainable}; names look like {names[0]!r} ... {names[-1]!r}"
+            )
     else:
         trainable = set(names)
         if cfg.freeze_embeddings:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,7 +68,9 @@ def resolve_model_path(name: str) -> str:
     if name in BUILTIN_MODELS:
         return str(resolve_builtin(name))
     if name.startswith((".", "/", "~")) and not Path(name).expanduser().is_dir():
-        raise UserError(f"model.name: {name} is not a directory; give a hub id, a local model folder, or one of: {', '.join(BUILTIN_MODELS)}")
+        raise UserError(
+            f"model.name: {name} is not a directory; give a hub id, a local model folder, or one of: {', '.join(BUILTIN_MODELS)}"
+        )
     return str(Path(name).expanduser()) if Path(name).expanduser().is_dir() else name
 
 
@@ -93,9 +94,15 @@ def load_classifier(cfg: ModelSection, path: str, precision: Precision, labels: 
     """The base with a new, randomly initialised sequence-classification head over `labels`."""
     from transformers import AutoModelForSequenceClassification
 
-    model = _from_pretrained(AutoModelForSequenceClassification, cfg, path, num_labels=len(labels),
-                             id2label=dict(enumerate(labels)), label2id={l: i for i, l in enumerate(labels)},
-                             **_model_kwargs(cfg, precision))
+    model = _from_pretrained(
+        AutoModelForSequenceClassification,
+        cfg,
+        path,
+        num_labels=len(labels),
+        id2label=dict(enumerate(labels)),
+        label2id={l: i for i, l in enumerate(labels)},
+        **_model_kwargs(cfg, precision),
+    )
     model.config.pad_token_id = pad_token_id  # the head reads the last non-padding token of each row
     return model
 
@@ -116,14 +123,17 @@ def bnb_config(quantization: str, precision: Precision):
     try:
         import bitsandbytes  # noqa: F401
     except Exception as exc:  # missing, or built without support for this machine
-        raise UserError(f"model.quantization: {quantization} needs a working bitsandbytes ({exc}); "
-                        "pip install bitsandbytes, or set model.quantization: none") from None
+        raise UserError(
+            f"model.quantization: {quantization} needs a working bitsandbytes ({exc}); "
+            "pip install bitsandbytes, or set model.quantization: none"
+        ) from None
     from transformers import BitsAndBytesConfig
 
     if quantization == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True)
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=precision.dtype)
+    return BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=precision.dtype
+    )
 
 
 def _from_pretrained(cls, cfg: ModelSection, path: str, **kwargs):

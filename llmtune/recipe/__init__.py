@@ -6,8 +6,12 @@ The names below are imported on first use: the schema is assembled from the meth
 
 import importlib
 
-_EXPORTS = {"Recipe": "llmtune.recipe.schema", "dump_recipe": "llmtune.recipe.load",
-            "load_recipe": "llmtune.recipe.load", "validate_recipe": "llmtune.recipe.load"}
+_EXPORTS = {
+    "Recipe": "llmtune.recipe.schema",
+    "dump_recipe": "llmtune.recipe.load",
+    "load_recipe": "llmtune.recipe.load",
+    "validate_recipe": "llmtune.recipe.load",
+}
 __all__ = list(_EXPORTS)
 
 

@@ -1,6 +1,6 @@
 """The README's recipe reference, generated from the schema so the two cannot drift.
 
-    python -m llmtune.recipe.reference --write README.md
+python -m llmtune.recipe.reference --write README.md
 """
 
 from __future__ import annotations
@@ -32,12 +32,16 @@ def _section(model: type[BaseModel], prefix: str, lines: list[str]) -> None:
         sub = _model_in(field.annotation)
         if sub is not None and prefix and name in Recipe.model_fields and _model_in(Recipe.model_fields[name].annotation) is sub:
             # A stage's copy of a top-level section: same keys, documented once above.
-            rows.append(f"| `{prefix}{name}` | section \\| null | `null` | {' '.join(field.description.split())} Same keys as `{name}`. |")
+            rows.append(
+                f"| `{prefix}{name}` | section \\| null | `null` | {' '.join(field.description.split())} Same keys as `{name}`. |"
+            )
             continue
         if sub is not None and field.annotation is not None:
             nested.append((name, field, sub))
             continue
-        rows.append(f"| `{prefix}{name}` | {_type(field.annotation)} | {_default(field)} | {' '.join(field.description.split())} |")
+        rows.append(
+            f"| `{prefix}{name}` | {_type(field.annotation)} | {_default(field)} | {' '.join(field.description.split())} |"
+        )
     if rows:
         title = [] if prefix else ["### top level", ""]
         lines += [*title, "| key | type | default | meaning |", "|---|---|---|---|", *rows, ""]

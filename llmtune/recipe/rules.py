@@ -39,6 +39,7 @@ def _has_held_out_rows(recipe: Recipe) -> bool:
 
 # --- evaluation ----------------------------------------------------------------------------------
 
+
 def perplexity_needs_held_out_rows(recipe: Recipe) -> list[str]:
     if (recipe.eval.perplexity or recipe.eval.every_n_steps) and not _has_held_out_rows(recipe):
         return ["eval.perplexity: needs held-out rows; set data.eval_sources or data.eval_fraction > 0"]
@@ -73,12 +74,15 @@ def exact_match_needs_held_out_rows(recipe: Recipe) -> list[str]:
 def exact_match_needs_chat_rows(recipe: Recipe) -> list[str]:
     method = _method(recipe)
     if recipe.eval.exact_match and method.EXAMPLES != "lm" and method.MODEL == "causal_lm":
-        return [f"eval.exact_match: scores answers to held-out chat rows; method.kind {method.KIND} reads "
-                f"{' or '.join(method.FORMATS)} rows; remove it"]
+        return [
+            f"eval.exact_match: scores answers to held-out chat rows; method.kind {method.KIND} reads "
+            f"{' or '.join(method.FORMATS)} rows; remove it"
+        ]
     return []
 
 
 # --- launch and export ---------------------------------------------------------------------------
+
 
 def num_processes_needs_a_config(recipe: Recipe) -> list[str]:
     if recipe.launch.num_processes and not recipe.launch.accelerate_config:
@@ -95,9 +99,11 @@ def merged_export_needs_merge_weights(recipe: Recipe) -> list[str]:
 
 def virtual_tokens_cannot_be_quantized(recipe: Recipe) -> list[str]:
     if recipe.adapter.kind in ("prefix", "prompt") and set(recipe.export.formats) - {"merged"}:
-        return [f"export.formats: a {recipe.adapter.kind} adapter cannot be merged into its base (virtual tokens are not "
-                "weights), so it cannot be quantized either; keep only `merged` (it exports the adapter with a "
-                "reference to its base)"]
+        return [
+            f"export.formats: a {recipe.adapter.kind} adapter cannot be merged into its base (virtual tokens are not "
+            "weights), so it cannot be quantized either; keep only `merged` (it exports the adapter with a "
+            "reference to its base)"
+        ]
     return []
 
 
@@ -109,21 +115,27 @@ def export_formats_once(recipe: Recipe) -> list[str]:
 
 # --- model and adapter ---------------------------------------------------------------------------
 
+
 def prefix_without_gradient_checkpointing(recipe: Recipe) -> list[str]:
     if recipe.adapter.kind == "prefix" and recipe.train.gradient_checkpointing:
-        return ["adapter.kind: prefix tuning cannot run with gradient checkpointing (PEFT's cached prefix "
-                "key/values do not survive recomputation); set train.gradient_checkpointing: false"]
+        return [
+            "adapter.kind: prefix tuning cannot run with gradient checkpointing (PEFT's cached prefix "
+            "key/values do not survive recomputation); set train.gradient_checkpointing: false"
+        ]
     return []
 
 
 def quantized_base_trains_lora(recipe: Recipe) -> list[str]:
     if recipe.model.quantization != "none" and recipe.adapter.kind != "lora":
-        return [f"model.quantization: a quantized base trains through LoRA adapters only (QLoRA), "
-                f"not adapter kind {recipe.adapter.kind}; set adapter.kind: lora or model.quantization: none"]
+        return [
+            f"model.quantization: a quantized base trains through LoRA adapters only (QLoRA), "
+            f"not adapter kind {recipe.adapter.kind}; set adapter.kind: lora or model.quantization: none"
+        ]
     return []
 
 
 # --- data ----------------------------------------------------------------------------------------
+
 
 def formats_fit_the_method(recipe: Recipe) -> list[str]:
     method = _method(recipe)
@@ -131,8 +143,10 @@ def formats_fit_the_method(recipe: Recipe) -> list[str]:
     for where, sources in (("data.sources", recipe.data.sources), ("data.eval_sources", recipe.data.eval_sources)):
         for i, source in enumerate(sources):
             if source.format not in method.FORMATS:
-                problems.append(f"{where}[{i}].format: method.kind {method.KIND} reads "
-                                f"{' or '.join(method.FORMATS)} rows, not {source.format}")
+                problems.append(
+                    f"{where}[{i}].format: method.kind {method.KIND} reads "
+                    f"{' or '.join(method.FORMATS)} rows, not {source.format}"
+                )
     return problems
 
 
@@ -151,21 +165,33 @@ def packing_fits_the_method(recipe: Recipe) -> list[str]:
     if not _method(recipe).PACKING_AND_STREAMING:
         return [f"data.packing: packing and padding_free apply to sft, not {recipe.method.kind}; remove them"]
     if recipe.adapter.kind in ("prefix", "prompt"):
-        return [f"data.packing: {recipe.adapter.kind} tuning prepends virtual tokens to each row, which "
-                "packed examples would share; set data.packing and data.padding_free to false"]
+        return [
+            f"data.packing: {recipe.adapter.kind} tuning prepends virtual tokens to each row, which "
+            "packed examples would share; set data.packing and data.padding_free to false"
+        ]
     return []
 
 
 RULES = (
-    perplexity_needs_held_out_rows, gates_on_measured_figures, regression_gates_need_the_base,
-    exact_match_needs_held_out_rows, num_processes_needs_a_config, merged_export_needs_merge_weights,
-    virtual_tokens_cannot_be_quantized, export_formats_once, prefix_without_gradient_checkpointing,
-    quantized_base_trains_lora, formats_fit_the_method, streaming_fits_the_method, packing_fits_the_method,
+    perplexity_needs_held_out_rows,
+    gates_on_measured_figures,
+    regression_gates_need_the_base,
+    exact_match_needs_held_out_rows,
+    num_processes_needs_a_config,
+    merged_export_needs_merge_weights,
+    virtual_tokens_cannot_be_quantized,
+    export_formats_once,
+    prefix_without_gradient_checkpointing,
+    quantized_base_trains_lora,
+    formats_fit_the_method,
+    streaming_fits_the_method,
+    packing_fits_the_method,
     exact_match_needs_chat_rows,
 )
 
 
 # --- multi-stage pipelines -----------------------------------------------------------------------
+
 
 def stages_fit_together(recipe: Recipe) -> list[str]:
     """Unique names, references to earlier stages only, a reward model where one is read, and each
@@ -193,7 +219,10 @@ def stages_fit_together(recipe: Recipe) -> list[str]:
             kinds[stage.name] = None
             continue
         if stage.reward_from_stage and kinds.get(stage.reward_from_stage, "reward") != "reward":
-            problems.append(f"{where}.reward_from_stage: stage {stage.reward_from_stage!r} trains {kinds[stage.reward_from_stage]}, not a reward model")
+            problems.append(
+                f"{where}.reward_from_stage: stage {stage.reward_from_stage!r} trains "
+                f"{kinds[stage.reward_from_stage]}, not a reward model"
+            )
         if stage.reward_from_stage and not takes_reward_model:
             readers = " and ".join(k for k, m in METHODS.items() if m.REWARD_MODEL_KEY)
             problems.append(f"{where}.reward_from_stage: only {readers} stages use a reward model, not {kind}")

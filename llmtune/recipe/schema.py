@@ -37,7 +37,8 @@ FORMATS = ("messages", "sharegpt", "alpaca", "prompt_completion", "text", "prefe
 
 class DataSource(Section):
     path: str | None = None
-    """Local file or glob: .jsonl, .json (one list of rows), .csv (with a header) or .parquet; relative paths start at the recipe's folder."""
+    """Local file or glob: .jsonl, .json (one list of rows), .csv (with a header) or .parquet; relative paths
+    start at the recipe's folder."""
     hub: str | None = None
     """Hub data set id, loaded with `datasets.load_dataset` (needs network or a local HF cache)."""
     config: str | None = None
@@ -115,8 +116,10 @@ class DataSection(Section):
         if self.streaming:
             for name in ("eval_fraction", "mixture_size", "dedup", "packing"):
                 if getattr(self, name):
-                    problems.append(f"data.{name}: not available with data.streaming (it needs every row in memory); "
-                                    "remove it" + (" and give data.eval_sources" if name == "eval_fraction" else ""))
+                    problems.append(
+                        f"data.{name}: not available with data.streaming (it needs every row in memory); "
+                        "remove it" + (" and give data.eval_sources" if name == "eval_fraction" else "")
+                    )
             if any(weighted):
                 problems.append("data.sources: mixture weights are not available with data.streaming; remove them")
         if self.mixture_size and not any(weighted):
@@ -132,9 +135,11 @@ class _MethodSectionBase(Section):
         # As for adapters: a method section changed from its default for another kind is an error.
         from llmtune.methods import METHODS
 
-        wrong = [f"method.{name}: applies to kind {name} only, not {self.kind}; remove it"
-                 for name, method in METHODS.items()
-                 if method.OPTIONS is not None and name != self.kind and getattr(self, name) != method.OPTIONS()]
+        wrong = [
+            f"method.{name}: applies to kind {name} only, not {self.kind}; remove it"
+            for name, method in METHODS.items()
+            if method.OPTIONS is not None and name != self.kind and getattr(self, name) != method.OPTIONS()
+        ]
         if wrong:
             raise ValueError("\n".join(wrong))
         return self
@@ -172,7 +177,8 @@ class AdapterSection(Section):
     use_dora: bool = False
     """lora: weight-decomposed LoRA (DoRA): a trained magnitude per output feature as well."""
     target_modules: str | list[str] | None = None
-    """lora, ia3: `all-linear`, `attention` (q/k/v/o projections) or module-name patterns; unset: `all-linear` for LoRA, PEFT's per-architecture default for IA3."""
+    """lora, ia3: `all-linear`, `attention` (q/k/v/o projections) or module-name patterns; unset: `all-linear`
+    for LoRA, PEFT's per-architecture default for IA3."""
     feedforward_modules: list[str] | None = None
     """ia3: which of target_modules are feed-forward (scaled on their input); unset: PEFT's default."""
     modules_to_save: list[str] = Field(default_factory=list)
@@ -194,9 +200,12 @@ class AdapterSection(Section):
     def _fields_fit_the_kind(self) -> AdapterSection:
         # A default value is never "set for another kind", so recipe.resolved.yaml (which spells out
         # every default) validates again, and an override can switch kinds.
-        wrong = [f"adapter.{name}: applies to kind {' or '.join(sorted(kinds))} only, not {self.kind}; remove it"
-                 for name, kinds in ADAPTER_FIELD_KINDS.items()
-                 if self.kind not in kinds and getattr(self, name) != type(self).model_fields[name].get_default(call_default_factory=True)]
+        wrong = [
+            f"adapter.{name}: applies to kind {' or '.join(sorted(kinds))} only, not {self.kind}; remove it"
+            for name, kinds in ADAPTER_FIELD_KINDS.items()
+            if self.kind not in kinds
+            and getattr(self, name) != type(self).model_fields[name].get_default(call_default_factory=True)
+        ]
         if self.kind == "freeze" and not (self.trainable or self.freeze_embeddings or self.freeze_layers):
             wrong.append("adapter.kind: freeze needs adapter.trainable patterns, freeze_embeddings or freeze_layers")
         if self.trainable and (self.freeze_embeddings or self.freeze_layers):
@@ -214,10 +223,20 @@ class AdapterSection(Section):
 # Which adapter kinds read each kind-specific field: a field set for another kind is an error,
 # not silently ignored.
 ADAPTER_FIELD_KINDS = {
-    "r": {"lora"}, "alpha": {"lora"}, "dropout": {"lora"}, "use_rslora": {"lora"}, "use_dora": {"lora"},
-    "target_modules": {"lora", "ia3"}, "feedforward_modules": {"ia3"}, "modules_to_save": {"lora", "ia3"},
-    "trainable": {"freeze"}, "freeze_embeddings": {"freeze"}, "freeze_layers": {"freeze"},
-    "num_virtual_tokens": {"prefix", "prompt"}, "prefix_projection": {"prefix"}, "prompt_init_text": {"prompt"},
+    "r": {"lora"},
+    "alpha": {"lora"},
+    "dropout": {"lora"},
+    "use_rslora": {"lora"},
+    "use_dora": {"lora"},
+    "target_modules": {"lora", "ia3"},
+    "feedforward_modules": {"ia3"},
+    "modules_to_save": {"lora", "ia3"},
+    "trainable": {"freeze"},
+    "freeze_embeddings": {"freeze"},
+    "freeze_layers": {"freeze"},
+    "num_virtual_tokens": {"prefix", "prompt"},
+    "prefix_projection": {"prefix"},
+    "prompt_init_text": {"prompt"},
 }
 
 
@@ -253,8 +272,11 @@ class TrainSection(Section):
         known = [o.value for o in OptimizerNames]
         if name not in known:
             close = difflib.get_close_matches(name, known, n=1)
-            raise ValueError(f"unknown optimizer {name!r}" + (f"; did you mean {close[0]!r}?" if close else f"; one of {', '.join(known)}"))
+            raise ValueError(
+                f"unknown optimizer {name!r}" + (f"; did you mean {close[0]!r}?" if close else f"; one of {', '.join(known)}")
+            )
         return name
+
     seed: int = 42
     """Seed for initialisation, data order and dropout; same seed, same run."""
     logging_steps: int = Field(default=1, gt=0)
@@ -329,7 +351,9 @@ class ExportSection(Section):
     merged: bool = False
     """Write `export/merged/`: adapters merged into a full-precision copy of the base, verified (same as `formats: [merged]`)."""
     formats: list[ExportFormat] = Field(default_factory=list)
-    """Artifacts written to `export/<format>/` after training, each reloaded and measured against the trained model (perplexity change, top-1 agreement, model card): `merged`, `bnb-8bit`, `bnb-4bit`, `gguf-f16`, `gguf-q8_0`, `gguf-q4_0` (see Export)."""
+    """Artifacts written to `export/<format>/` after training, each reloaded and measured against the trained
+    model (perplexity change, top-1 agreement, model card): `merged`, `bnb-8bit`, `bnb-4bit`, `gguf-f16`,
+    `gguf-q8_0`, `gguf-q4_0` (see Export)."""
 
 
 class LaunchSection(Section):
@@ -390,12 +414,15 @@ class Recipe(Section):
     Each stage is this recipe with the sections the stage gives replacing the top-level ones, and
     writes its own run directory under this run's: `<run>/<stage name>/`."""
 
-    def stage_recipe(self, stage: StageSection, output_dir: str, model_name: str | None = None,
-                     reward_model: str | None = None) -> Recipe:
+    def stage_recipe(
+        self, stage: StageSection, output_dir: str, model_name: str | None = None, reward_model: str | None = None
+    ) -> Recipe:
         """The full recipe of one stage: sections the stage gives replace this recipe's own; the
         stage trains `model_name` (an earlier stage's model) and scores with `reward_model` when given."""
         raw = self.model_dump(exclude={"stages"})
-        raw |= {section: getattr(stage, section).model_dump() for section in STAGE_SECTIONS if getattr(stage, section) is not None}
+        raw |= {
+            section: getattr(stage, section).model_dump() for section in STAGE_SECTIONS if getattr(stage, section) is not None
+        }
         raw["name"] = f"{self.name}-{stage.name}" if self.name else stage.name
         raw["train"]["output_dir"] = output_dir
         if model_name:

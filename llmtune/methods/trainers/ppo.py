@@ -44,13 +44,24 @@ from pathlib import Path
 
 import torch
 
+from llmtune.distributed import is_main_process
 from llmtune.errors import UserError
 from llmtune.launch import SHARDING_ENGINES, whole_weights_error
-from llmtune.methods.trainers.ppo_core import (AdaptiveKLController, FixedKLController, entropy_of, explained_variance, gae,
-                                      logprobs_of, masked_mean, masked_whiten, per_token_rewards, policy_loss,
-                                      score_with_penalties, value_loss)
+from llmtune.methods.trainers.ppo_core import (
+    AdaptiveKLController,
+    FixedKLController,
+    entropy_of,
+    explained_variance,
+    gae,
+    logprobs_of,
+    masked_mean,
+    masked_whiten,
+    per_token_rewards,
+    policy_loss,
+    score_with_penalties,
+    value_loss,
+)
 from llmtune.models.load import Precision, training_device
-from llmtune.distributed import is_main_process
 from llmtune.recipe import Recipe
 from llmtune.runs import RunDir
 
@@ -74,10 +85,16 @@ class PolicyWithValueHead(torch.nn.Module):
     def forward(self, input_ids, attention_mask, n_response: int, temperature: float):
         """Logits (temperature applied) and values at the positions that predict the last `n_response` tokens."""
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # left padding: positions as generate() used them
-        out = self.policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                          output_hidden_states=True, logits_to_keep=n_response + 1, use_cache=False)
+        out = self.policy(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            output_hidden_states=True,
+            logits_to_keep=n_response + 1,
+            use_cache=False,
+        )
         logits = out.logits[:, :-1] / temperature
-        hidden = out.hidden_states[-1][:, -n_response - 1:-1]
+        hidden = out.hidden_states[-1][:, -n_response - 1 : -1]
         return logits, self.value_head(hidden.float()).squeeze(-1)
 
 
@@ -96,12 +113,16 @@ class RewardScorer:
             from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
             if not Path(reward_model).is_dir():
-                raise UserError(f"method.ppo.reward_model: {reward_model} is not a directory; give the final/ folder "
-                                "of a reward run (or a stage name through from_stage)")
+                raise UserError(
+                    f"method.ppo.reward_model: {reward_model} is not a directory; give the final/ folder "
+                    "of a reward run (or a stage name through from_stage)"
+                )
             self.tokenizer = AutoTokenizer.from_pretrained(reward_model)
             self.model = AutoModelForSequenceClassification.from_pretrained(reward_model, dtype=torch.float32).to(device).eval()
             if self.model.config.num_labels != 1:
-                raise UserError(f"method.ppo.reward_model: {reward_model} has {self.model.config.num_labels} labels; a reward model has 1")
+                raise UserError(
+                    f"method.ppo.reward_model: {reward_model} has {self.model.config.num_labels} labels; a reward model has 1"
+                )
             self.model.requires_grad_(False)
         if reward_function:
             self.function = load_function(reward_function, "method.ppo.reward_function")
@@ -110,8 +131,10 @@ class RewardScorer:
     def __call__(self, prompts: list[list[dict]], completions: list[str]) -> torch.Tensor:
         scores = torch.zeros(len(prompts))
         if self.model is not None:
-            texts = [self.tokenizer.apply_chat_template(p + [{"role": "assistant", "content": c}], tokenize=False)
-                     for p, c in zip(prompts, completions)]
+            texts = [
+                self.tokenizer.apply_chat_template(p + [{"role": "assistant", "content": c}], tokenize=False)
+                for p, c in zip(prompts, completions)
+            ]
             self.tokenizer.padding_side = "right"
             batch = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.model.device)
             scores += self.model(**batch).logits[:, 0].float().cpu()
@@ -127,7 +150,9 @@ def load_function(path: str, key: str):
     try:
         function = getattr(importlib.import_module(module_name), name)
     except (ImportError, AttributeError, ValueError) as exc:
-        raise UserError(f"{key}: cannot import {path!r} ({exc}); give `package.module:function` importable from the working directory") from None
+        raise UserError(
+            f"{key}: cannot import {path!r} ({exc}); give `package.module:function` importable from the working directory"
+        ) from None
     if not callable(function):
         raise UserError(f"{key}: {path!r} is not a function")
     return function
@@ -139,8 +164,9 @@ class PPOTrainer:
 
         self.recipe, self.run, self.cfg, self.tokenizer = recipe, run, recipe.method.ppo, tokenizer
         # 16-bit autocast as the other methods run it (weights that train in full stay fp32, see for_trainable_weights).
-        self.accelerator = Accelerator(cpu=training_device().type == "cpu",
-                                       mixed_precision="bf16" if precision.bf16 else "fp16" if precision.fp16 else "no")
+        self.accelerator = Accelerator(
+            cpu=training_device().type == "cpu", mixed_precision="bf16" if precision.bf16 else "fp16" if precision.fp16 else "no"
+        )
         if self.accelerator.distributed_type.value in SHARDING_ENGINES:  # under the user's own launcher
             raise UserError(whole_weights_error("ppo"))
         self.peft = hasattr(model, "disable_adapter")
@@ -148,15 +174,18 @@ class PPOTrainer:
         self.reference = None if self.peft else copy.deepcopy(model).requires_grad_(False).eval()
         self.model = model
         self.scorer = RewardScorer(self.cfg.reward_model, self.cfg.reward_function, self.accelerator.device)
-        self.prompts = [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=True, return_dict=False)
-                        for p in prompts]
+        self.prompts = [
+            tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=True, return_dict=False) for p in prompts
+        ]
         self.prompt_messages = list(prompts)
         t = recipe.train
         self.world, self.rank = self.accelerator.num_processes, self.accelerator.process_index
         self.global_batch = t.batch_size * self.world
         if len(prompts) < self.global_batch:
-            raise UserError(f"data.sources: {len(prompts)} prompts, fewer than one PPO batch ({t.batch_size} x "
-                            f"{self.world} process(es)); add prompts or lower train.batch_size")
+            raise UserError(
+                f"data.sources: {len(prompts)} prompts, fewer than one PPO batch ({t.batch_size} x "
+                f"{self.world} process(es)); add prompts or lower train.batch_size"
+            )
         self.max_steps = t.max_steps or math.ceil(t.epochs * len(prompts) / self.global_batch)
         self.wrapped = PolicyWithValueHead(model).to(self.accelerator.device)
         params = [p for p in self.wrapped.parameters() if p.requires_grad]
@@ -167,8 +196,11 @@ class PPOTrainer:
         warmup = int(t.warmup * updates) if t.warmup < 1 else int(t.warmup)
         self.scheduler = get_scheduler(t.lr_scheduler, self.optimizer, num_warmup_steps=warmup, num_training_steps=updates)
         self.wrapped, self.optimizer, self.scheduler = self.accelerator.prepare(self.wrapped, self.optimizer, self.scheduler)
-        self.kl_ctl = (AdaptiveKLController(self.cfg.kl_coef, self.cfg.kl_target, self.cfg.kl_horizon)
-                       if self.cfg.kl_target else FixedKLController(self.cfg.kl_coef))
+        self.kl_ctl = (
+            AdaptiveKLController(self.cfg.kl_coef, self.cfg.kl_target, self.cfg.kl_horizon)
+            if self.cfg.kl_target
+            else FixedKLController(self.cfg.kl_coef)
+        )
         self.generator = torch.Generator().manual_seed(t.seed)
         self.step = 0
 
@@ -187,11 +219,18 @@ class PPOTrainer:
         policy = self.accelerator.unwrap_model(self.wrapped).policy
         ids, mask = self._left_pad(prompt_ids)
         # top_k=0 / top_p=1: sample from the policy's own distribution, whose log-probabilities PPO uses.
-        out = policy.generate(input_ids=ids, attention_mask=mask, max_new_tokens=self.cfg.max_new_tokens,
-                              do_sample=not greedy, temperature=self.cfg.temperature if not greedy else None,
-                              top_k=0 if not greedy else None, top_p=1.0 if not greedy else None,
-                              pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id)
-        response = out[:, ids.shape[1]:]
+        out = policy.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=self.cfg.max_new_tokens,
+            do_sample=not greedy,
+            temperature=self.cfg.temperature if not greedy else None,
+            top_k=0 if not greedy else None,
+            top_p=1.0 if not greedy else None,
+            pad_token_id=self.tokenizer.pad_token_id,
+            eos_token_id=self.tokenizer.eos_token_id,
+        )
+        response = out[:, ids.shape[1] :]
         is_eos = response == self.tokenizer.eos_token_id
         has_eos = is_eos.any(1)
         # Response tokens run up to and including the first EOS; the rest is padding.
@@ -220,8 +259,13 @@ class PPOTrainer:
                 logits, _ = module(input_ids, attention_mask, response.shape[1], self.cfg.temperature)
             return logits, None
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-        logits = self.reference(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                logits_to_keep=response.shape[1] + 1, use_cache=False).logits[:, :-1]
+        logits = self.reference(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            logits_to_keep=response.shape[1] + 1,
+            use_cache=False,
+        ).logits[:, :-1]
         return logits / self.cfg.temperature, None
 
     # -- training ----------------------------------------------------------------------------------
@@ -235,7 +279,9 @@ class PPOTrainer:
         completions = self.completions_of(response, mask)
         raw_scores = self.scorer(prompts, completions).to(response.device)
         lengths = mask.sum(1)
-        scores = score_with_penalties(raw_scores, has_eos, lengths, cfg.missing_eos_penalty, cfg.overlong_after, cfg.overlong_penalty)
+        scores = score_with_penalties(
+            raw_scores, has_eos, lengths, cfg.missing_eos_penalty, cfg.overlong_after, cfg.overlong_penalty
+        )
         fmask = mask.float()
         with torch.no_grad():
             old_logprobs, old_values, ref_logprobs = [], [], []
@@ -258,12 +304,14 @@ class PPOTrainer:
             advantages = masked_whiten(advantages, fmask, sum_over_ranks=over_ranks)
 
         self.wrapped.train(False)  # dropout stays off (see the module docstring); gradients still flow
-        stats: dict[str, list[float]] = {k: [] for k in ("policy_loss", "value_loss", "clipfrac", "approx_kl", "value_clipfrac", "entropy")}
+        stats: dict[str, list[float]] = {
+            k: [] for k in ("policy_loss", "value_loss", "clipfrac", "approx_kl", "value_clipfrac", "entropy")
+        }
         n = len(batch_indices)
         for _ in range(cfg.ppo_epochs):
             order = torch.randperm(n, generator=self.generator)
             for s in range(0, n, cfg.mini_batch_size):
-                idx = order[s:s + cfg.mini_batch_size].to(response.device)
+                idx = order[s : s + cfg.mini_batch_size].to(response.device)
                 logits, values = self._forward(prompt_ids[idx], prompt_mask[idx], response[idx], mask[idx])
                 logprobs = logprobs_of(logits, response[idx])
                 pg_loss, pg_stats = policy_loss(logprobs, old_logprobs[idx], advantages[idx], fmask[idx], cfg.clip_range)
@@ -286,8 +334,9 @@ class PPOTrainer:
         kl_per_response = gather(kl.sum(1))
         scores, raw_scores, lengths, has_eos = gather(scores), gather(raw_scores), gather(lengths), gather(has_eos.float())
         # Responses are as long as each rank's longest: pad them to one width (mask 0) before gathering.
-        explained = explained_variance(*(gather(self.accelerator.pad_across_processes(t, dim=1))
-                                         for t in (old_values, returns, fmask)))
+        explained = explained_variance(
+            *(gather(self.accelerator.pad_across_processes(t, dim=1)) for t in (old_values, returns, fmask))
+        )
         self.kl_ctl.update(kl_per_response.mean().item(), len(scores))
         elapsed = time.perf_counter() - t0
         local = torch.tensor([sum(v) / len(v) for v in stats.values()], device=response.device)
@@ -321,7 +370,9 @@ class PPOTrainer:
         if resume_from:
             self._load_checkpoint(Path(resume_from))
         bs = self.global_batch
-        bar = tqdm(total=self.max_steps, initial=self.step, desc="ppo", unit="step", dynamic_ncols=True, disable=not is_main_process())
+        bar = tqdm(
+            total=self.max_steps, initial=self.step, desc="ppo", unit="step", dynamic_ncols=True, disable=not is_main_process()
+        )
         order: list[int] = []
         # The prompt order is a function of the seed and the step alone, so a resumed run draws the same batches.
         epoch_generator = torch.Generator().manual_seed(self.recipe.train.seed)
@@ -329,11 +380,11 @@ class PPOTrainer:
             order = torch.randperm(len(self.prompts), generator=epoch_generator).tolist()
         while self.step < self.max_steps:
             start = (self.step * bs) % len(self.prompts)
-            batch = order[start:start + bs]
+            batch = order[start : start + bs]
             if len(batch) < bs:  # wrap into the next pass over the prompts
                 order = torch.randperm(len(self.prompts), generator=epoch_generator).tolist()
                 batch += order[: bs - len(batch)]
-            row = self.ppo_step(batch[self.rank::self.world])  # this rank's share of the global batch
+            row = self.ppo_step(batch[self.rank :: self.world])  # this rank's share of the global batch
             self.step += 1
             if self.step % self.recipe.train.logging_steps == 0:
                 self.run.append_metrics({"step": self.step} | row)
@@ -355,11 +406,13 @@ class PPOTrainer:
 
         self.wrapped.eval()
         torch.manual_seed(seed + self.rank)
-        prompts = prompts[self.rank::self.world]
+        prompts = prompts[self.rank :: self.world]
         scores, kls, lengths = [torch.zeros(0)], [torch.zeros(0)], [torch.zeros(0)]
         for s in range(0, len(prompts), batch_size):
-            chunk = prompts[s:s + batch_size]
-            ids = [self.tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=True, return_dict=False) for p in chunk]
+            chunk = prompts[s : s + batch_size]
+            ids = [
+                self.tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=True, return_dict=False) for p in chunk
+            ]
             prompt_ids, prompt_mask, response, mask, _ = self.generate(ids)
             scores.append(self.scorer(chunk, self.completions_of(response, mask)))
             logits, _ = self._forward(prompt_ids, prompt_mask, response, mask)
@@ -367,13 +420,22 @@ class PPOTrainer:
             kls.append(((logprobs_of(logits, response) - logprobs_of(ref_logits, response)) * mask).sum(1).cpu())
             lengths.append(mask.sum(1).float().cpu())
         scores, kls, lengths = (torch.tensor(gather_object(torch.cat(t).tolist())) for t in (scores, kls, lengths))
-        return {"reward_mean": round(scores.mean().item(), 5), "reward_std": round(scores.std().item(), 5) if len(scores) > 1 else 0.0,
-                "kl": round(kls.mean().item(), 5), "response_length": round(lengths.mean().item(), 2), "n": len(scores)}
+        return {
+            "reward_mean": round(scores.mean().item(), 5),
+            "reward_std": round(scores.std().item(), 5) if len(scores) > 1 else 0.0,
+            "kl": round(kls.mean().item(), 5),
+            "response_length": round(lengths.mean().item(), 2),
+            "n": len(scores),
+        }
 
     # -- checkpoints and final/ --------------------------------------------------------------------
 
     def _trainable_state(self) -> dict:
-        return {n: p.detach().cpu().clone() for n, p in self.accelerator.unwrap_model(self.wrapped).named_parameters() if p.requires_grad}
+        return {
+            n: p.detach().cpu().clone()
+            for n, p in self.accelerator.unwrap_model(self.wrapped).named_parameters()
+            if p.requires_grad
+        }
 
     def _save_checkpoint(self) -> None:
         from accelerate.utils import gather_object
@@ -384,9 +446,18 @@ class PPOTrainer:
         name = f"checkpoint-{self.step}"
         staged = self.run.staging / name
         staged.mkdir(parents=True, exist_ok=True)
-        torch.save({"trainable": self._trainable_state(), "optimizer": self.optimizer.state_dict(),
-                    "scheduler": self.scheduler.state_dict(), "kl_coef": self.kl_ctl.value, "step": self.step,
-                    "generator": self.generator.get_state(), "torch_rng": rng_states}, staged / "ppo_state.pt")
+        torch.save(
+            {
+                "trainable": self._trainable_state(),
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "kl_coef": self.kl_ctl.value,
+                "step": self.step,
+                "generator": self.generator.get_state(),
+                "torch_rng": rng_states,
+            },
+            staged / "ppo_state.pt",
+        )
         self.run.commit_checkpoint(name, self.recipe.train.save_total_limit)
 
     def _load_checkpoint(self, path: Path) -> None:
@@ -411,5 +482,7 @@ class PPOTrainer:
 
         unwrapped = self.accelerator.unwrap_model(self.wrapped)
         unwrapped.policy.save_pretrained(path)
-        save_file({k: v.detach().cpu().contiguous() for k, v in unwrapped.value_head.state_dict().items()},
-                  str(Path(path) / "value_head.safetensors"))
+        save_file(
+            {k: v.detach().cpu().contiguous() for k, v in unwrapped.value_head.state_dict().items()},
+            str(Path(path) / "value_head.safetensors"),
+        )

@@ -28,8 +28,12 @@ def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> to
     return masked_moments(x, mask, unbiased)[1]
 
 
-def masked_moments(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True,
-                   sum_over_ranks: Callable[[torch.Tensor], torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def masked_moments(
+    x: torch.Tensor,
+    mask: torch.Tensor,
+    unbiased: bool = True,
+    sum_over_ranks: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and variance of `x` over the masked positions (Bessel-corrected unless `unbiased=False`).
 
     `sum_over_ranks` sums a tensor over the processes of a distributed run: each rank holds part of
@@ -44,8 +48,12 @@ def masked_moments(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True,
     return mean, var
 
 
-def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True,
-                  sum_over_ranks: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+def masked_whiten(
+    x: torch.Tensor,
+    mask: torch.Tensor,
+    shift_mean: bool = True,
+    sum_over_ranks: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
     """Scale to unit variance over the masked positions; also centre on 0 when `shift_mean`.
     With `sum_over_ranks`, the mean and variance are the whole distributed batch's (see masked_moments)."""
     mean, var = masked_moments(x, mask, sum_over_ranks=sum_over_ranks)
@@ -67,8 +75,14 @@ def entropy_of(logits: torch.Tensor) -> torch.Tensor:
     return torch.logsumexp(logits, dim=-1) - (probs * logits).sum(-1)
 
 
-def score_with_penalties(scores: torch.Tensor, has_eos: torch.Tensor, lengths: torch.Tensor,
-                         missing_eos_penalty: float, overlong_after: int | None, overlong_penalty: float) -> torch.Tensor:
+def score_with_penalties(
+    scores: torch.Tensor,
+    has_eos: torch.Tensor,
+    lengths: torch.Tensor,
+    missing_eos_penalty: float,
+    overlong_after: int | None,
+    overlong_penalty: float,
+) -> torch.Tensor:
     """The sequence-level reward after shaping penalties.
 
     A response that never emitted EOS (cut at max_new_tokens) loses `missing_eos_penalty`; one
@@ -80,8 +94,9 @@ def score_with_penalties(scores: torch.Tensor, has_eos: torch.Tensor, lengths: t
     return scores
 
 
-def per_token_rewards(scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor,
-                      kl_coef: float) -> tuple[torch.Tensor, torch.Tensor]:
+def per_token_rewards(
+    scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor, kl_coef: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Rewards per response token: -kl_coef * (log pi - log pi_ref) at every token, plus the
     sequence's score on its last real token. Returns (rewards, kl) with kl the per-token
     log-ratio (its sum over a response estimates KL(pi || pi_ref) for that response)."""
@@ -92,7 +107,9 @@ def per_token_rewards(scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs
     return rewards * mask, kl
 
 
-def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+def gae(
+    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Generalized advantage estimation over each response; returns (advantages, returns).
 
     delta_t = r_t + gamma * V_{t+1} - V_t, with V after the last real token = 0 (the episode ends);
@@ -113,8 +130,9 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
     return advantages, (advantages + values) * mask
 
 
-def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
-                clip_range: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def policy_loss(
+    logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, clip_range: float
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """PPO's clipped surrogate: mean over tokens of max(-A r, -A clip(r, 1-eps, 1+eps)), r = pi/pi_old.
 
     Also returns `clipfrac` (share of tokens where the clipped term was the larger, i.e. the
@@ -127,13 +145,16 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: 
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
     loss = masked_mean(torch.maximum(unclipped, clipped), mask)
     with torch.no_grad():
-        stats = {"clipfrac": masked_mean((clipped > unclipped).float(), mask),
-                 "approx_kl": masked_mean((ratio - 1) - log_ratio, mask)}
+        stats = {
+            "clipfrac": masked_mean((clipped > unclipped).float(), mask),
+            "approx_kl": masked_mean((ratio - 1) - log_ratio, mask),
+        }
     return loss, stats
 
 
-def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
-               clip_range_value: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def value_loss(
+    values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, clip_range_value: float
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Clipped value loss: 0.5 * mean max((V - R)^2, (V_clip - R)^2), V_clip = V_old + clip(V - V_old, +-c)."""
     clipped_values = old_values + torch.clamp(values - old_values, -clip_range_value, clip_range_value)
     unclipped_error, clipped_error = (values - returns) ** 2, (clipped_values - returns) ** 2
