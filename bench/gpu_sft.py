@@ -187,7 +187,9 @@ trainer.train()
 peak = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
 print("RESULT " + json.dumps({{"rows": rows, "peak_gpu_mb": peak}}))
 """
-    out_ = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    # Hub kernels off as llmtune has them (llmtune/__init__.py): with them on, an offline GPU fails the first step.
+    env = os.environ | {"USE_HUB_KERNELS": "NO"}
+    out_ = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env)
     if out_.returncode:
         raise SystemExit(out_.stderr[-4000:])
     result = json.loads(next(l for l in out_.stdout.splitlines() if l.startswith("RESULT "))[7:])

@@ -225,12 +225,9 @@ def cmd_validate(args) -> None:
     from llmtune.recipe import load_recipe
 
     recipe, _ = load_recipe(args.recipe, args.overrides)
-    if recipe.stages:
-        stages = [recipe.stage_recipe(stage, stage.name) for stage in recipe.stages]
-        print(
-            f"{args.recipe}: ok (stages: {' -> '.join(f'{st.name} ({r.method.kind})' for st, r in zip(recipe.stages, stages))} "
-            f"on {recipe.model.name})"
-        )
+    if recipe.stages:  # loading checked each stage's own recipe (recipe/rules.py, stages_fit_together)
+        kinds = " -> ".join(f"{stage.name} ({(stage.method or recipe.method).kind})" for stage in recipe.stages)
+        print(f"{args.recipe}: ok (stages: {kinds} on {recipe.model.name})")
         return
     print(f"{args.recipe}: ok ({recipe.method.kind} with {recipe.adapter.kind} on {recipe.model.name})")
 
