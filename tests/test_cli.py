@@ -88,9 +88,6 @@ def test_data_preview_shows_the_loss_mask_and_drops(make_recipe, tmp_path, capsy
 
 def test_hub_kernels_are_off_unless_the_user_turns_them_on():
     """transformers would fetch layer kernels from the hub at the first GPU step (fails offline)."""
-    import subprocess
-    import sys
-
     code = "import os, llmtune; print(os.environ['USE_HUB_KERNELS'])"
     env = {k: v for k, v in os.environ.items() if k != "USE_HUB_KERNELS"}
     off = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
