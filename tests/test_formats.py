@@ -99,6 +99,84 @@ def test_malformed_preference_rows(row, reason):
         canonical(row, "preference")
 
 
+def test_feedback_rows_in_every_layout():
+    expected = {"prompt": [user("Hi")], "completion": [assistant("Hello!")], "label": True}
+    assert canonical({"prompt": "Hi", "completion": "Hello!", "label": True}, "feedback") == expected
+    assert canonical({"prompt": [user("Hi")], "completion": [assistant("Hello!")], "label": True}, "feedback") == expected
+    assert canonical({"prompt": "Hi", "completion": assistant("Hello!"), "label": "TRUE"}, "feedback") == expected
+    assert (
+        canonical({"q": "Hi", "a": "Hello!", "ok": 1}, "feedback", columns={"prompt": "q", "completion": "a", "label": "ok"})
+        == expected
+    )
+    for false in (False, "false", " False ", 0):
+        assert canonical({"prompt": "Hi", "completion": "Go away.", "label": false}, "feedback")["label"] is False
+
+
+@pytest.mark.parametrize(
+    "row, reason",
+    [
+        ({"prompt": "Hi", "completion": "a"}, "missing field 'label'"),
+        ({"prompt": "Hi", "completion": "a", "label": "yes"}, "field 'label' is not true or false"),
+        ({"prompt": "Hi", "completion": "a", "label": 2}, "field 'label' is not true or false"),
+        ({"prompt": "Hi", "label": True}, "missing field 'completion'"),
+        ({"prompt": "Hi", "completion": " ", "label": True}, "empty 'completion' response"),
+        ({"prompt": [user("Hi"), assistant("Hello")], "completion": "a", "label": True}, "does not end with a user turn"),
+        ({"prompt": "Hi", "completion": user("a"), "label": True}, "'completion' is not an assistant answer"),
+    ],
+)
+def test_malformed_feedback_rows(row, reason):
+    with pytest.raises(RowError, match=reason):
+        canonical(row, "feedback")
+
+
+def test_feedback_data_in_trl_conversational_layout(tmp_path, tiny_tokenizer):
+    rows = [{"prompt": f"Greet {n}.", "completion": f"Hello {n}!", "label": True} for n in ("Ada", "Bruno", "Chen")]
+    rows += [
+        {"prompt": "Greet Dana.", "completion": "No.", "label": False},
+        {"prompt": "Greet Emeka.", "completion": "x " * 100, "label": False},
+        {"prompt": "Greet Farah.", "completion": "Hi", "label": "maybe"},
+    ]
+    write_jsonl(tmp_path / "f.jsonl", rows)
+    data = prepare_data(
+        DataSection(sources=[{"path": "f.jsonl", "format": "feedback"}], max_length=48),
+        tmp_path,
+        tiny_tokenizer,
+        seed=0,
+        examples="feedback",
+    )
+    assert data.kind == "feedback" and set(data.train.column_names) == {"prompt", "completion", "label"}
+    assert data.stats["labels"] == {"desirable": 3, "undesirable": 1}
+    assert data.stats["dropped"]["longer than data.max_length=48 tokens"]["first"] == ["f.jsonl:5"]
+    assert data.stats["dropped"]["field 'label' is not true or false"]["first"] == ["f.jsonl:6"]
+    assert data.train[0]["completion"][0]["role"] == "assistant" and data.train[0]["prompt"][-1]["role"] == "user"
+
+
+def test_preference_pairs_become_two_feedback_rows_for_a_method_that_reads_feedback(tmp_path, tiny_tokenizer):
+    pairs = [
+        {"prompt": f"Greet {n} number {i}.", "chosen": f"Hello {n}!", "rejected": "No."}
+        for i, n in enumerate(["Ada", "Bruno", "Chen", "Dana", "Emeka"] * 4)
+    ]
+    write_jsonl(tmp_path / "p.jsonl", pairs)
+    cfg = DataSection(sources=[{"path": "p.jsonl", "format": "preference"}], eval_fraction=0.25)
+    data = prepare_data(cfg, tmp_path, tiny_tokenizer, seed=0, examples="feedback")
+    assert data.kind == "feedback" and set(data.train.column_names) == {"prompt", "completion", "label"}
+    assert len(data.train) == 2 * 15 and len(data.eval) == 2 * 5 and data.stats["labels"] == {"desirable": 15, "undesirable": 15}
+    # Each pair gave one desirable row (its chosen answer) and one undesirable row (its rejected answer) ...
+    for rows in (list(data.train), data.eval_rows):
+        by_prompt = {}
+        for row in rows:
+            by_prompt.setdefault(row["prompt"][0]["content"], []).append((row["label"], row["completion"][0]["content"]))
+        assert all(sorted(answers) == [(False, "No."), (True, f"Hello {p.split()[1]}!")] for p, answers in by_prompt.items())
+    # ... the held-out split kept both rows of a pair on the same side, and the training rows are
+    # shuffled after unpairing: a pair's two rows are not left next to each other.
+    held_out = {row["prompt"][0]["content"] for row in data.eval_rows}
+    assert not held_out & {row["prompt"][0]["content"] for row in data.train}
+    prompts = [row["prompt"][0]["content"] for row in data.train]
+    assert sum(a == b for a, b in zip(prompts, prompts[1:])) <= 3
+    # The same rows read by a preference method stay pairs.
+    assert prepare_data(cfg, tmp_path, tiny_tokenizer, seed=0, examples="preference").kind == "preference"
+
+
 def test_prompt_only_rows():
     assert canonical({"prompt": "Hi"}, "prompt_only") == {"prompt": [user("Hi")]}
     assert canonical({"messages": [user("Hi"), assistant("Hello")]}, "prompt_only") == {"prompt": [user("Hi")]}

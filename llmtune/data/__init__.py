@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from llmtune.data.cache import TokenizedCache
-from llmtune.data.formats import KIND_OF_FORMAT, RowError, to_canonical
+from llmtune.data.formats import KIND_OF_FORMAT, RowError, as_feedback, to_canonical
 from llmtune.data.sources import DropReport, read_source
 from llmtune.data.template import count_preference_tokens, prompt_text, set_chat_template, tokenize_example, tokenize_text
 from llmtune.errors import UserError
@@ -29,7 +29,7 @@ class PreparedData:
     label_names: list[str] | None = None  # classification: the labels seen in training, sorted
     fingerprints: dict[str, str] = field(default_factory=dict)
     stats: dict[str, Any] = field(default_factory=dict)
-    kind: str = "chat"  # chat | text | preference | prompt | classification (see formats.KIND_OF_FORMAT)
+    kind: str = "chat"  # chat | text | preference | prompt | classification | feedback (see formats.KIND_OF_FORMAT)
 
 
 def prepare_data(cfg: DataSection, base_dir: Path, tokenizer, seed: int, examples: str | None = None) -> PreparedData:
@@ -37,8 +37,9 @@ def prepare_data(cfg: DataSection, base_dir: Path, tokenizer, seed: int, example
 
     `examples` is what the method trains on (its EXAMPLES, see llmtune.methods); the recipe has
     already checked that the sources' formats give it. Unset: whatever the formats give.
+    `feedback` also takes preference pairs: each becomes a desirable and an undesirable row.
     """
-    kind = data_kind(cfg)
+    kind = "feedback" if examples == "feedback" else data_kind(cfg)
     if kind != "classification":
         set_chat_template(tokenizer, cfg.chat_template if kind != "text" else "none", base_dir)
     drops = DropReport()
@@ -65,6 +66,8 @@ def prepare_data(cfg: DataSection, base_dir: Path, tokenizer, seed: int, example
     if cfg.dedup:
         seen = {_key(example) for _, example in train_rows}
         eval_rows = _dedup(eval_rows, cfg, drops, "held-out row also in the training rows", seen)
+    if kind == "feedback":  # after the split: both rows of a pair are held out, or neither
+        train_rows, eval_rows = _unpaired(train_rows, seed), _unpaired(eval_rows)
 
     data = TOKENIZERS[kind](train_rows, eval_rows, tokenizer, cfg, drops)
     data.kind = kind
@@ -190,6 +193,16 @@ def _key(example: dict) -> str:
     return json.dumps(example, sort_keys=True, ensure_ascii=False)
 
 
+def _unpaired(rows: list, seed: int | None = None) -> list:
+    """Feedback rows, preference pairs split in two. Training rows are shuffled again (seeded): KTO
+    reads them in order, and a batch should mix labels, each row's neighbour (its KL-term
+    completion) being an answer to another prompt, not the other answer of its own pair."""
+    out = [(where, row) for where, example in rows for row in as_feedback(example)]
+    if seed is not None:
+        random.Random(seed).shuffle(out)
+    return out
+
+
 def _dedup(rows: list, cfg: DataSection, drops: DropReport, reason: str, seen: set | None = None) -> list:
     seen = set() if seen is None else set(seen)
     kept = []
@@ -306,8 +319,8 @@ def _tokenize_classification(train_rows: list, eval_rows: list, tokenizer, cfg: 
 
 
 def _conversational(train_rows: list, eval_rows: list, tokenizer, cfg: DataSection, drops: DropReport) -> PreparedData:
-    """Preference and prompt-only examples stay in TRL's conversational layout (the trainers render
-    them with the same chat template); rows too long for data.max_length are dropped here."""
+    """Preference, feedback and prompt-only examples stay in TRL's conversational layout (the trainers
+    render them with the same chat template); rows too long for data.max_length are dropped here."""
     import datasets
 
     def kept(rows):
@@ -316,6 +329,8 @@ def _conversational(train_rows: list, eval_rows: list, tokenizer, cfg: DataSecti
             try:
                 if "chosen" in example:
                     n = count_preference_tokens(example, tokenizer, cfg.chat_template)
+                elif "completion" in example:
+                    n = len(tokenize_example(example["prompt"] + example["completion"], tokenizer, cfg.chat_template)[0])
                 else:
                     n = len(
                         tokenizer(prompt_text(example["prompt"], tokenizer, cfg.chat_template), add_special_tokens=False)[
@@ -338,6 +353,9 @@ def _conversational(train_rows: list, eval_rows: list, tokenizer, cfg: DataSecti
         "train_tokens": sum(lengths),
         "max_length": max(lengths, default=0),
     }
+    if train and "label" in train[0]:  # feedback: how many answers of each kind (KTO weighs the two)
+        desirable = sum(example["label"] for example in train)
+        stats["labels"] = {"desirable": desirable, "undesirable": len(train) - desirable}
     return PreparedData(
         train=datasets.Dataset.from_list(train),
         eval_rows=evaluation,
@@ -352,6 +370,7 @@ TOKENIZERS = {
     "classification": _tokenize_classification,
     "preference": _conversational,
     "prompt": _conversational,
+    "feedback": _conversational,
 }
 
 

@@ -7,6 +7,8 @@ Canonical examples are plain dicts, so one renderer serves every format:
 - `preference`: {"prompt": [messages], "chosen": [assistant turn], "rejected": [assistant turn]}
   (TRL's conversational preference layout)
 - `prompt_only`: {"prompt": [messages]} (for PPO and GRPO rollouts)
+- `feedback`: {"prompt": [messages], "completion": [assistant turn], "label": bool} (TRL's conversational
+  unpaired-preference layout: one answer marked desirable or not, as KTO reads it)
 - `classification`: {"text": str, "label": str}
 """
 
@@ -117,6 +119,40 @@ def _preference_row(row: dict) -> dict:
     }
 
 
+def _feedback_row(row: dict) -> dict:
+    """prompt + completion (text or messages, as in `preference`) + a true/false label."""
+    if row.get("completion") is None:
+        raise RowError("missing field 'completion'")
+    prompt = _prompt(row)
+    if not prompt or prompt[-1]["role"] != "user":
+        raise RowError("the prompt does not end with a user turn")
+    completion = _answer(row["completion"], "completion")
+    return {"prompt": prompt, "completion": [{"role": "assistant", "content": completion}], "label": _label(row)}
+
+
+def _label(row: dict) -> bool:
+    """A feedback label: true/false; CSV gives the words as text, some tables 1/0."""
+    label = row.get("label")
+    if label is None:
+        raise RowError("missing field 'label'")
+    if isinstance(label, str) and label.strip().lower() in ("true", "false"):
+        return label.strip().lower() == "true"
+    if isinstance(label, int) and label in (0, 1):  # bool is an int too
+        return bool(label)
+    raise RowError("field 'label' is not true or false")
+
+
+def as_feedback(example: dict) -> list[dict]:
+    """Feedback rows from a canonical example: a preference pair gives two, its chosen answer
+    desirable (label true) and its rejected answer not; a feedback row stays itself."""
+    if "chosen" not in example:
+        return [example]
+    return [
+        {"prompt": example["prompt"], "completion": example["chosen"], "label": True},
+        {"prompt": example["prompt"], "completion": example["rejected"], "label": False},
+    ]
+
+
 def _prompt_only_row(row: dict) -> dict:
     if row.get("prompt") is None and row.get("messages") is not None:
         messages = _messages(row, "messages")
@@ -150,6 +186,7 @@ FORMATS = {
     "preference": _preference_row,
     "prompt_only": _prompt_only_row,
     "classification": _classification_row,
+    "feedback": _feedback_row,
 }
 # What each format becomes, so later steps know how to render it.
 KIND_OF_FORMAT = {
@@ -161,6 +198,7 @@ KIND_OF_FORMAT = {
     "preference": "preference",
     "prompt_only": "prompt",
     "classification": "classification",
+    "feedback": "feedback",
 }
 
 

@@ -27,11 +27,13 @@ def preview(data: PreparedData, tokenizer, n: int, max_length: int) -> dict:
             )
         elif data.kind == "classification":
             examples.append({"text": tokenizer.decode(row["input_ids"]), "label": data.label_names[row["labels"]]})
-        else:  # preference / prompt-only rows, rendered as the trainer's prompt plus each answer
+        else:  # preference / feedback / prompt-only rows, rendered as the trainer's prompt plus each answer
             rendered = {"prompt": tokenizer.apply_chat_template(row["prompt"], tokenize=False, add_generation_prompt=True)}
-            for answer in ("chosen", "rejected"):
+            for answer in ("chosen", "rejected", "completion"):
                 if answer in row:
                     rendered[answer] = row[answer][-1]["content"]
+            if "label" in row:
+                rendered["label"] = "desirable" if row["label"] else "undesirable"
             examples.append(rendered)
     lengths = _lengths(data)
     return {"kind": data.kind, "stats": data.stats, "examples": examples, "length_histogram": histogram(lengths, max_length)}
@@ -93,6 +95,8 @@ def print_preview(result: dict, as_json: bool) -> None:
     for key in ("train_rows", "eval_rows", "train_tokens", "loss_tokens", "max_length"):
         if key in stats:
             table.add_row(key.replace("_", " "), f"{stats[key]:,}")
+    for label, n in (stats.get("labels") or {}).items():  # feedback rows
+        table.add_row(label, f"{n:,}")
     for name, counts in (stats.get("sources") or {}).items():
         table.add_row(f"source {name}", ", ".join(f"{k} {v}" for k, v in counts.items()))
     dropped = stats.get("dropped") or {}

@@ -32,7 +32,17 @@ class ModelSection(Section):
     """Load the frozen base quantized with bitsandbytes for QLoRA: `4bit` (nf4, double quantization) or `8bit`."""
 
 
-FORMATS = ("messages", "sharegpt", "alpaca", "prompt_completion", "text", "preference", "prompt_only", "classification")
+FORMATS = (
+    "messages",
+    "sharegpt",
+    "alpaca",
+    "prompt_completion",
+    "text",
+    "preference",
+    "prompt_only",
+    "classification",
+    "feedback",
+)
 
 
 class DataSource(Section):
@@ -48,8 +58,8 @@ class DataSource(Section):
     format: Literal[FORMATS] = "messages"
     """Row layout: `messages` ({role, content} list), `sharegpt` (conversations of {from, value}), `alpaca`
     (instruction, input, output), `prompt_completion`, `text` (continued pre-training), `preference` (prompt,
-    chosen, rejected as text or messages; or two full transcripts, hh-rlhf style), `prompt_only` (prompt) or
-    `classification` (text, label)."""
+    chosen, rejected as text or messages; or two full transcripts, hh-rlhf style), `prompt_only` (prompt),
+    `classification` (text, label) or `feedback` (prompt, completion as text or messages, label true/false)."""
     columns: dict[str, str] = Field(default_factory=dict)
     """Rename source columns to the format's field names, e.g. {prompt: question, completion: answer}."""
     max_samples: int | None = Field(default=None, gt=0)
