@@ -108,6 +108,43 @@ def test_grpo_trains_on_a_reward_function(tmp_path, tiny_model_dir):
     assert any(v.abs().sum() > 0 for k, v in adapter.items() if "lora_B" in k)
 
 
+A_TO_M_SCORES = []  # each reward call's mean score, as scored here: what the policy really produced
+
+
+def a_to_m_recorded(prompts, completions, **kwargs):
+    """The share of a completion's characters among a-m (test_ppo's reward), recorded before it is returned."""
+    scores = [sum(ch in "abcdefghijklm" for ch in c[0]["content"]) / max(len(c[0]["content"]), 1) for c in completions]
+    A_TO_M_SCORES.append(sum(scores) / len(scores))
+    return scores
+
+
+def test_grpo_raises_the_reward_it_is_given(tmp_path, tiny_model_dir):
+    # Whole weights: LoRA cannot move this random model's near-uniform output (lm_head's small init bounds
+    # what a change of the normalised hidden state does to the logits); measured flat at lr 0.1 under LoRA.
+    A_TO_M_SCORES.clear()
+    recipe, recipe_dir = recipe_for(
+        tmp_path,
+        tiny_model_dir,
+        {"kind": "grpo", "grpo": {"reward_functions": ["test_align:a_to_m_recorded"], "num_generations": 4, "max_new_tokens": 8}},
+        lambda n, o=0: [{"prompt": [{"role": "user", "content": f"Greet {NAMES[i % 10]}."}]} for i in range(o, o + n)],
+        "prompt_only",
+        adapter={"kind": "full"},
+        max_steps=12,
+        batch_size=16,
+        learning_rate=2e-2,
+        lr_scheduler="constant",
+        save_steps=12,
+    )
+    result = run_recipe(recipe, recipe_dir)
+    # The score is read from the function's own record, not only from metrics.jsonl: a reward whose sign is
+    # flipped on its way to the trainer would still "rise" in the log while the policy moves away from a-m.
+    assert len(A_TO_M_SCORES) == 12, "one reward call per step, in this process"
+    first, last = sum(A_TO_M_SCORES[:3]) / 3, sum(A_TO_M_SCORES[-3:]) / 3
+    assert last > first + 0.3 and last > 0.5, (first, last)  # measured: 0.18 -> 0.87 (seeds 1, 2: 0.16 -> 0.79, 0.84)
+    rows = result.run.read_metrics()
+    assert [r["reward"] for r in rows] == pytest.approx(A_TO_M_SCORES, abs=1e-6)  # the log carries the same figures
+
+
 def test_alignment_recipe_mistakes_name_the_key(tmp_path):
     from llmtune.errors import UserError
 
