@@ -36,6 +36,46 @@ def write_jsonl(path: Path, rows: list) -> Path:
     return path
 
 
+def preference_rows(n, offset=0):
+    # chosen greets by name, rejected is a refusal: a difference even a tiny model learns in a few steps.
+    return [
+        {"prompt": f"Greet {NAMES[i % 10]} number {i}.", "chosen": f"Hello {NAMES[i % 10]}! You are {i}.", "rejected": "No."}
+        for i in range(offset, offset + n)
+    ]
+
+
+def recipe_for(tmp_path, tiny_model_dir, method, rows, fmt, adapter=None, n_train=32, n_held_out=16, eval=None, **train):
+    """A loaded recipe training `method` on the tiny model: rows(n_train) to train on, rows(n_held_out, 100)
+    held out; keyword arguments replace the train section's defaults."""
+    from llmtune.recipe import load_recipe
+
+    data = write_jsonl(tmp_path / "train.jsonl", rows(n_train))
+    held_out = write_jsonl(tmp_path / "test.jsonl", rows(n_held_out, 100))
+    recipe = {
+        "model": {"name": str(tiny_model_dir)},
+        "data": {
+            "sources": [{"path": str(data), "format": fmt}],
+            "eval_sources": [{"path": str(held_out), "format": fmt}],
+            "max_length": 64,
+        },
+        "method": method,
+        "adapter": adapter or {"kind": "lora", "r": 4, "alpha": 8},
+        "eval": eval or {},
+        "train": {
+            "output_dir": str(tmp_path / "run"),
+            "max_steps": 8,
+            "batch_size": 8,
+            "learning_rate": 5e-3,
+            "seed": 7,
+            "save_steps": 4,
+        }
+        | train,
+    }
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return load_recipe(path)
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer_dir(tmp_path_factory) -> Path:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers

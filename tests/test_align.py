@@ -3,46 +3,11 @@
 import pytest
 import torch
 import yaml
-from conftest import NAMES, write_jsonl
+from conftest import NAMES, preference_rows, recipe_for
 from safetensors.torch import load_file
 
 from llmtune.pipeline import run_recipe
 from llmtune.recipe import load_recipe
-
-
-def preference_rows(n, offset=0):
-    # chosen greets by name, rejected is a refusal: a difference even a tiny model learns in a few steps.
-    return [
-        {"prompt": f"Greet {NAMES[i % 10]} number {i}.", "chosen": f"Hello {NAMES[i % 10]}! You are {i}.", "rejected": "No."}
-        for i in range(offset, offset + n)
-    ]
-
-
-def recipe_for(tmp_path, tiny_model_dir, method, rows, fmt, adapter=None, **train):
-    data = write_jsonl(tmp_path / "train.jsonl", rows(32))
-    held_out = write_jsonl(tmp_path / "test.jsonl", rows(16, 100))
-    recipe = {
-        "model": {"name": str(tiny_model_dir)},
-        "data": {
-            "sources": [{"path": str(data), "format": fmt}],
-            "eval_sources": [{"path": str(held_out), "format": fmt}],
-            "max_length": 64,
-        },
-        "method": method,
-        "adapter": adapter or {"kind": "lora", "r": 4, "alpha": 8},
-        "train": {
-            "output_dir": str(tmp_path / "run"),
-            "max_steps": 8,
-            "batch_size": 8,
-            "learning_rate": 5e-3,
-            "seed": 7,
-            "save_steps": 4,
-        }
-        | train,
-    }
-    path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump(recipe))
-    return load_recipe(path)
 
 
 def test_reward_model_learns_pairs_and_final_loads_as_a_plain_sequence_classifier(tmp_path, tiny_model_dir):

@@ -2,12 +2,10 @@
 
 import pytest
 import torch
-import yaml
-from conftest import NAMES, write_jsonl
+from conftest import NAMES, preference_rows, recipe_for
 from safetensors.torch import load_file
 
 from llmtune.pipeline import run_recipe
-from llmtune.recipe import load_recipe
 
 
 def feedback_rows(n, offset=0):
@@ -22,39 +20,19 @@ def feedback_rows(n, offset=0):
     ]
 
 
-def preference_rows(n, offset=0):
-    return [
-        {"prompt": f"Greet {NAMES[i % 10]} number {i}.", "chosen": f"Hello {NAMES[i % 10]}! You are {i}.", "rejected": "No."}
-        for i in range(offset, offset + n)
-    ]
-
-
 def kto_recipe(tmp_path, tiny_model_dir, rows, fmt, n_train=32, n_held_out=16, method=None, adapter=None, **train):
-    data = write_jsonl(tmp_path / "train.jsonl", rows(n_train))
-    held_out = write_jsonl(tmp_path / "test.jsonl", rows(n_held_out, 100))
-    recipe = {
-        "model": {"name": str(tiny_model_dir)},
-        "data": {
-            "sources": [{"path": str(data), "format": fmt}],
-            "eval_sources": [{"path": str(held_out), "format": fmt}],
-            "max_length": 64,
-        },
-        "method": {"kind": "kto"} | (method or {}),
-        "adapter": adapter or {"kind": "lora", "r": 4, "alpha": 8},
-        "eval": {"before_after": True},
-        "train": {
-            "output_dir": str(tmp_path / "run"),
-            "max_steps": 8,
-            "batch_size": 8,
-            "learning_rate": 1e-2,
-            "seed": 7,
-            "save_steps": 4,
-        }
-        | train,
-    }
-    path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump(recipe))
-    return load_recipe(path)
+    return recipe_for(
+        tmp_path,
+        tiny_model_dir,
+        {"kind": "kto"} | (method or {}),
+        rows,
+        fmt,
+        adapter,
+        n_train,
+        n_held_out,
+        eval={"before_after": True},
+        **({"learning_rate": 1e-2} | train),
+    )
 
 
 def test_kto_under_lora_raises_the_held_out_margin_of_desirable_over_undesirable_answers(tmp_path, tiny_model_dir):

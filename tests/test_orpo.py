@@ -1,48 +1,22 @@
 """ORPO on the tiny model: reference-free (nothing but the policy runs), and the held-out pairs move."""
 
 import torch
-import yaml
-from conftest import NAMES, write_jsonl
+from conftest import preference_rows, recipe_for
 from safetensors.torch import load_file
 
 from llmtune.pipeline import run_recipe
-from llmtune.recipe import load_recipe
-
-
-def preference_rows(n, offset=0):
-    # chosen greets by name, rejected is a refusal: a difference even a tiny model learns in a few steps.
-    return [
-        {"prompt": f"Greet {NAMES[i % 10]} number {i}.", "chosen": f"Hello {NAMES[i % 10]}! You are {i}.", "rejected": "No."}
-        for i in range(offset, offset + n)
-    ]
 
 
 def pair_recipe(tmp_path, tiny_model_dir, method, **train):
-    data = write_jsonl(tmp_path / "train.jsonl", preference_rows(32))
-    held_out = write_jsonl(tmp_path / "test.jsonl", preference_rows(16, 100))
-    recipe = {
-        "model": {"name": str(tiny_model_dir)},
-        "data": {
-            "sources": [{"path": str(data), "format": "preference"}],
-            "eval_sources": [{"path": str(held_out), "format": "preference"}],
-            "max_length": 64,
-        },
-        "method": method,
-        "adapter": {"kind": "lora", "r": 4, "alpha": 8},
-        "eval": {"before_after": True},
-        "train": {
-            "output_dir": str(tmp_path / "run"),
-            "max_steps": 8,
-            "batch_size": 8,
-            "learning_rate": 1e-2,
-            "seed": 7,
-            "save_steps": 4,
-        }
-        | train,
-    }
-    path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump(recipe))
-    return load_recipe(path)
+    return recipe_for(
+        tmp_path,
+        tiny_model_dir,
+        method,
+        preference_rows,
+        "preference",
+        eval={"before_after": True},
+        **({"learning_rate": 1e-2} | train),
+    )
 
 
 def no_reference_pass(monkeypatch):

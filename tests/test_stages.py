@@ -4,8 +4,7 @@ import json
 
 import pytest
 import yaml
-from conftest import greeting_rows, write_jsonl
-from test_align import preference_rows
+from conftest import greeting_rows, preference_rows, write_jsonl
 from test_ppo import prompt_rows
 
 from llmtune.errors import UserError

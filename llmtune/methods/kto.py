@@ -143,28 +143,11 @@ def completion_logprobs(
 ) -> list[float]:
     """Sum of log p(token) over each completion's tokens given its prompt, rendered as llmtune.data
     renders the conversation for training (the completion includes the template's end-of-turn)."""
-    import torch
-
-    from llmtune.data.template import IGNORE_INDEX, tokenize_example
+    from llmtune.data.template import tokenize_example
+    from llmtune.methods.trainers.pairs import held_out_answer_logprobs
 
     rows = [tokenize_example(p + c, tokenizer, chat_template) for p, c in zip(prompts, completions)]
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    sums: list[float] = []
-    with torch.no_grad():
-        for start in range(0, len(rows), batch_size):
-            chunk = rows[start : start + batch_size]
-            width = max(len(ids) for ids, _ in chunk)
-            input_ids = torch.tensor([ids + [tokenizer.pad_token_id] * (width - len(ids)) for ids, _ in chunk], device=device)
-            labels = torch.tensor([lab + [IGNORE_INDEX] * (width - len(lab)) for _, lab in chunk], device=device)
-            mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in chunk], device=device)
-            logits = model(input_ids=input_ids, attention_mask=mask).logits[:, :-1].float()
-            target = labels[:, 1:]
-            nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, ignore_index=IGNORE_INDEX, reduction="none")
-            sums += (-nll.sum(-1)).tolist()
-    model.train(was_training)
-    return sums
+    return held_out_answer_logprobs(model, rows, tokenizer.pad_token_id, batch_size)[0]
 
 
 def training_figures(run) -> dict:

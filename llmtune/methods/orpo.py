@@ -83,12 +83,7 @@ def evaluate(recipe, run, model, tokenizer, data, when: str) -> dict:
     """The held-out pairs' length-normalised log-prob margin of chosen over rejected answers."""
     from llmtune.methods.trainers.pairs import evaluate_pairs
 
-    result = evaluate_pairs(model, tokenizer, data.eval_rows, recipe.data.chat_template)
-    print(
-        f"[llmtune] held-out pairs preferring the chosen answer (mean per-token log-prob): {result['accuracy']:.1%}, "
-        f"margin {result['margin']:.3f} of {result['n']} {when} training"
-    )
-    return result
+    return evaluate_pairs(recipe, model, tokenizer, data.eval_rows, when)
 
 
 def training_figures(run) -> dict:

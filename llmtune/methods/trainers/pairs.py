@@ -48,14 +48,18 @@ class PairCollator:
         self.pad_token_id = pad_token_id
 
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
-        ids = [f["chosen_input_ids"] for f in features] + [f["rejected_input_ids"] for f in features]
-        labels = [f["chosen_labels"] for f in features] + [f["rejected_labels"] for f in features]
-        width = max(len(i) for i in ids)
-        return {
-            "input_ids": torch.tensor([i + [self.pad_token_id] * (width - len(i)) for i in ids]),
-            "attention_mask": torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i in ids]),
-            "labels": torch.tensor([lab + [IGNORE_INDEX] * (width - len(lab)) for lab in labels]),
-        }
+        rows = [(f[f"{side}_input_ids"], f[f"{side}_labels"]) for side in ("chosen", "rejected") for f in features]
+        return pad_rows(rows, self.pad_token_id)
+
+
+def pad_rows(rows: list[tuple[list[int], list[int]]], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """(input_ids, labels) rows as one batch, padded on the right."""
+    width = max(len(ids) for ids, _ in rows)
+    return {
+        "input_ids": torch.tensor([ids + [pad_token_id] * (width - len(ids)) for ids, _ in rows]),
+        "attention_mask": torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in rows]),
+        "labels": torch.tensor([lab + [IGNORE_INDEX] * (width - len(lab)) for _, lab in rows]),
+    }
 
 
 def answer_logprobs(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -64,6 +68,24 @@ def answer_logprobs(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor
     target = batch["labels"][:, 1:]
     nll = F.cross_entropy(logits[:, :-1].transpose(1, 2).float(), target, ignore_index=IGNORE_INDEX, reduction="none")
     return -nll.sum(-1), (target != IGNORE_INDEX).sum(-1)
+
+
+def held_out_answer_logprobs(
+    model, rows: list[tuple[list[int], list[int]]], pad_token_id: int, batch_size: int
+) -> tuple[list[float], list[int]]:
+    """answer_logprobs over tokenized (input_ids, labels) rows, in eval mode without gradients."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    sums, counts = [], []
+    with torch.no_grad():
+        for start in range(0, len(rows), batch_size):
+            batch = {k: v.to(device) for k, v in pad_rows(rows[start : start + batch_size], pad_token_id).items()}
+            s, c = answer_logprobs(model, batch)
+            sums += s.tolist()
+            counts += c.tolist()
+    model.train(was_training)
+    return sums, counts
 
 
 def log1mexp(x: torch.Tensor) -> torch.Tensor:
@@ -128,30 +150,26 @@ def train_pairs(recipe, run, model, tokenizer, data, precision, resume_from: str
     return trainer, run_trainer(trainer, resume_from)
 
 
-def evaluate_pairs(model, tokenizer, rows: list[dict], chat_template: str, batch_size: int = 8) -> dict:
+def evaluate_pairs(recipe, model, tokenizer, rows: list[dict], when: str, batch_size: int = 8) -> dict:
     """Held-out pairs, by each answer's mean per-token log-probability (what ORPO and SimPO raise):
     `accuracy`, the share of pairs whose chosen answer scores higher; `margin`, the mean of chosen
     minus rejected; `logp_margin`, the same for the answers' summed log-probabilities."""
-    collate = PairCollator(tokenizer.pad_token_id)
-    pairs = tokenize_pairs(rows, tokenizer, chat_template)
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    means, sums = [], []
-    with torch.no_grad():
-        for start in range(0, len(pairs), batch_size):
-            batch = {
-                k: v.to(device) for k, v in collate(list(pairs.select(range(start, min(start + batch_size, len(pairs)))))).items()
-            }
-            s, c = answer_logprobs(model, batch)
-            n = s.shape[0] // 2
-            sums += (s[:n] - s[n:]).tolist()
-            means += (s[:n] / c[:n].clamp(min=1) - s[n:] / c[n:].clamp(min=1)).tolist()
-    model.train(was_training)
-    n = len(means)
-    return {
+    chat_template = recipe.data.chat_template  # the n chosen answers, then the n rejected ones
+    tokenized = [
+        tokenize_example(row["prompt"] + row[side], tokenizer, chat_template) for side in ("chosen", "rejected") for row in rows
+    ]
+    sums, counts = held_out_answer_logprobs(model, tokenized, tokenizer.pad_token_id, 2 * batch_size)
+    n = len(rows)
+    means = [s / max(c, 1) for s, c in zip(sums, counts)]
+    margins = [means[i] - means[n + i] for i in range(n)]
+    result = {
         "n": n,
-        "accuracy": round(sum(m > 0 for m in means) / n, 4),
-        "margin": round(sum(means) / n, 4),
-        "logp_margin": round(sum(sums) / n, 4),
+        "accuracy": round(sum(m > 0 for m in margins) / n, 4),
+        "margin": round(sum(margins) / n, 4),
+        "logp_margin": round(sum(sums[i] - sums[n + i] for i in range(n)) / n, 4),
     }
+    print(
+        f"[llmtune] held-out pairs preferring the chosen answer (mean per-token log-prob): {result['accuracy']:.1%}, "
+        f"margin {result['margin']:.3f} of {n} {when} training"
+    )
+    return result
